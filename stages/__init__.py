@@ -1,0 +1,1 @@
+"""The pipeline's seven stages; each module runs as `python -m stages.<name>`."""

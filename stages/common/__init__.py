@@ -1,0 +1,1 @@
+"""What several stages share: params schema, prompt format, records, model loading, batching, atomic io."""

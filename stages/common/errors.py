@@ -1,0 +1,29 @@
+"""One exception type for bad input, and the wrapper that turns it into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("pipeline")
+
+
+class PipelineError(Exception):
+    """Bad input or a missing resource; the message names the file:line or the params key."""
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's main(): log its duration, map bad input to `error: ...` (exit 2) and Ctrl-C to exit 130."""
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"error: {name} interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
+    log.info("done in %.1f s", time.perf_counter() - started)

@@ -1,0 +1,89 @@
+"""Atomic writes: every out is built under a temporary name and renamed into place only when complete,
+so a crash or Ctrl-C never leaves a file that DVC could record as a finished output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from stages.common.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` (a folder when `directory`); replace `target` with it on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            _remove(target)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+    if not target.parent.name.endswith(".tmp"):  # files inside a folder being built are logged with it
+        log.info("wrote %s", target)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (run the stage that writes it first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: not valid JSON: {err}") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line; a bad line is an error naming file:line."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PipelineError(f"{path}:{number}: not UTF-8 text") from None
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{path}:{number}: malformed JSON ({err.msg})") from None

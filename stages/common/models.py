@@ -1,0 +1,133 @@
+"""Where base models come from and how they are loaded: hub id, local folder, or a file inside an installed package.
+
+The base model is never a DVC out: `model.name` and `model.revision` are params, so changing them reruns what
+depends on them, and the weights stay in the Hugging Face cache or in site-packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.errors import PipelineError
+from stages.common.params import ModelParams
+
+log = logging.getLogger("pipeline")
+
+PACKAGE_PREFIX = "pkg:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Arguments for `from_pretrained`: a hub id or folder, plus a GGUF file name inside it when there is one."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        if revision and not Path(self.path).is_dir():
+            kwargs["revision"] = revision
+        return kwargs
+
+
+def package_path(spec: str, key: str) -> Path:
+    """'pkg:<package>/<relative path>' -> the file or folder inside the installed package (without importing it)."""
+    package, _, relative = spec[len(PACKAGE_PREFIX) :].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise PipelineError(f"{key} '{spec}': package '{package}' is not installed")
+    path = Path(next(iter(found.submodule_search_locations))) / relative
+    if not path.exists():
+        raise PipelineError(f"{key} '{spec}': '{relative}' not found in package '{package}'")
+    return path
+
+
+def resolve_model(name: str, key: str = "model.name") -> ModelSource:
+    if name.startswith(PACKAGE_PREFIX):
+        path = package_path(name, key)
+        if path.suffix == ".gguf":
+            return ModelSource(str(path.parent), path.name)
+        return ModelSource(str(path))
+    return ModelSource(name)
+
+
+def _load(loader: Any, params: ModelParams, what: str, **extra: Any) -> Any:
+    source = resolve_model(params.name)
+    try:
+        return loader.from_pretrained(source.path, **source.kwargs(params.revision, params.trust_remote_code), **extra)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"model.name '{params.name}': could not load the {what}: {first}") from None
+
+
+def load_tokenizer(params: ModelParams) -> Any:
+    """The base model's tokenizer, with padding on the right and pad = eos when the model has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, params, "tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def quantization_config(params: ModelParams) -> Any:
+    if params.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise PipelineError(
+            f"model.quantization '{params.quantization}' needs a CUDA GPU (bitsandbytes); use 'none' here"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise PipelineError(
+            f"model.quantization '{params.quantization}' needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=params.quantization,
+        bnb_4bit_compute_dtype=DTYPES[params.compute_dtype],
+    )
+
+
+def load_base_model(params: ModelParams) -> Any:
+    """The frozen base model on the GPU when there is one, 4-bit when `model.quantization` says so."""
+    from transformers import AutoModelForCausalLM
+
+    quantization = quantization_config(params)
+    extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype]}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+    if torch.cuda.is_available():
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    model = _load(AutoModelForCausalLM, params, "model", **extra)
+    if resolve_model(params.name).gguf_file:
+        # GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
+        # refuses to train a model so labelled.
+        model.hf_quantizer, model.is_quantized = None, False
+    model.config.use_cache = False
+    total = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s (%s, %.1fM params, %s)", params.name, params.quantization, total / 1e6, model.device)
+    return model
+
+
+def load_finetuned(params: ModelParams, adapter_dir: Path) -> Any:
+    """Base model with the trained adapter attached; `with model.disable_adapter():` gives the base back."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run finetune first")
+    model = PeftModel.from_pretrained(load_base_model(params), adapter_dir)
+    model.eval()
+    return model

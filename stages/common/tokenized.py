@@ -1,0 +1,65 @@
+"""The tokenized data set on disk (data/tokenized/) and how its rows become padded batches.
+
+Rows are stored unpadded ({input_ids, labels, prompt_len}); meta.json records the choices tokenize made (pad
+id, label padding, target length) so that finetune and the evaluations pad exactly as tokenize intended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.io import read_json, read_jsonl
+from stages.common.paths import TOKENIZED_DIR
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedMeta:
+    pad_token_id: int
+    max_length: int
+    loss_mask: str  # "full": labels are every token, padding included (the seed); "completion": response only
+    padding: str  # "max_length" (the seed) or "longest" (pad each batch to its longest row)
+
+    @property
+    def label_pad(self) -> int:
+        return self.pad_token_id if self.loss_mask == "full" else IGNORE_INDEX
+
+
+def load_split(name: str, directory: Path = TOKENIZED_DIR) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl(directory / f"{name}.jsonl")]
+
+
+def load_meta(directory: Path = TOKENIZED_DIR) -> TokenizedMeta:
+    return TokenizedMeta(**read_json(directory / "meta.json"))
+
+
+def pad_batch(
+    rows: list[dict[str, Any]], pad_token_id: int, label_pad: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad rows to `pad_to` (or to the longest row) into input_ids, attention_mask, labels tensors."""
+    width = pad_to or max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), label_pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Collator:
+    """Trainer data collator that pads as tokenize's meta.json says."""
+
+    def __init__(self, meta: TokenizedMeta):
+        self.meta = meta
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad_to = self.meta.max_length if self.meta.padding == "max_length" else None
+        return pad_batch(rows, self.meta.pad_token_id, self.meta.label_pad, pad_to)

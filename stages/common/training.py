@@ -1,0 +1,101 @@
+"""Pieces of the finetune stage that carry their own logic: batch sizing, checkpoint fingerprints, curves."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.params import Params
+
+log = logging.getLogger("pipeline")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def accumulation_steps(effective: int, micro: int, processes: int) -> int:
+    """Optimizer steps see `effective` rows whatever the micro-batch and process count."""
+    per_step = micro * processes
+    if effective % per_step:
+        raise ValueError(
+            f"train.effective_batch_size ({effective}) is not a multiple of "
+            f"micro_batch_size x processes ({micro} x {processes})"
+        )
+    return effective // per_step
+
+
+def fits(model: Any, micro: int, max_length: int) -> bool:
+    """One forward+backward at the longest shape; False when the GPU runs out of memory."""
+    ids = torch.zeros((micro, max_length), dtype=torch.long, device=model.device)
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def pick_micro_batch(model: Any, requested: int | str, effective: int, processes: int, max_length: int) -> int:
+    """`auto`: the largest divisor of the per-process batch that fits the GPU (all of it on CPU)."""
+    if requested != "auto":
+        return int(requested)
+    per_process = max(effective // processes, 1)
+    if not torch.cuda.is_available():
+        return per_process
+    for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
+        if fits(model, micro, max_length):
+            log.info("micro_batch_size auto -> %d", micro)
+            return micro
+    raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")
+
+
+def fingerprint(params: Params, files: list[Path]) -> str:
+    """Identity of a training run: its params, its data and the training code. Checkpoints resume only on a match."""
+    digest = hashlib.sha256()
+    relevant = {k: v for k, v in params.to_dict().items() if k in ("model", "tokenize", "lora", "train")}
+    digest.update(json.dumps(relevant, sort_keys=True).encode())
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
+    """The last checkpoint of the same run, if any; checkpoints of any other run are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = checkpoints / "fingerprint.txt"
+    if checkpoints.is_dir() and (not stamp.is_file() or stamp.read_text() != run_id):
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(run_id)
+    last = get_last_checkpoint(str(checkpoints))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+def write_curves(log_history: list[dict[str, Any]], directory: Path) -> None:
+    """Train and eval loss per optimizer step as CSV for `dvc plots`, from the Trainer's history (which a resumed
+    run restores from its checkpoint, so the curves stay whole across an interruption)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train = [(e["step"], e["loss"], e.get("learning_rate", 0.0)) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    with (directory / "train.csv").open("w", newline="") as out:
+        csv.writer(out).writerows([("step", "loss", "learning_rate"), *train])
+    with (directory / "eval.csv").open("w", newline="") as out:
+        csv.writer(out).writerows([("step", "loss"), *evals])

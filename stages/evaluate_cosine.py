@@ -1,0 +1,222 @@
+"""Generations of the base and the fine-tuned model, side by side, compared with a sentence embedder.
+
+    python -m stages.evaluate_cosine
+
+Reads models/adapter/, data/subset/eval.jsonl (held-out instructions and their reference answers) and the
+embedder `eval.generate.embedder`; writes metrics/cosine.json and reports/generations.md.
+Generation is greedy (deterministic), batched and KV-cached, with the training prompt format. Besides the
+base-vs-fine-tuned cosine it reports each model's cosine to the reference answer, answer length in words, and the
+share of outputs that run on past the answer (a new "### Instruction", repeated text, or the token limit).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from stages.common.errors import PipelineError, run_stage
+from stages.common.io import atomic_path, read_jsonl, write_json
+from stages.common.models import PACKAGE_PREFIX, load_finetuned, load_tokenizer, package_path
+from stages.common.params import Params, load_params
+from stages.common.paths import ADAPTER_DIR, COSINE_METRICS, GENERATIONS_REPORT, SUBSET_DIR
+from stages.common.prompt import INSTRUCTION_MARKER, format_prompt
+
+log = logging.getLogger("pipeline")
+
+REPEAT_NGRAM = 6  # words; an n-gram seen three times counts as repeated text
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # the instruction shown in reports
+    model_input: str  # the formatted prompt the model sees
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    hit_limit: bool
+
+
+def build_prompts(params: Params, tokenizer: Any) -> list[Prompt]:
+    """Configured prompts first (each checked), then held-out eval instructions whose prompt fits max_length."""
+    limit = params.tokenize.max_length
+    prompts = []
+    for i, text in enumerate(params.eval.generate.prompts):
+        if not text.strip():
+            raise PipelineError(f"eval.generate.prompts[{i}] is empty")
+        formatted = format_prompt(text)
+        length = len(tokenizer(formatted)["input_ids"])
+        if length > limit:
+            raise PipelineError(
+                f"eval.generate.prompts[{i}] is {length} tokens, longer than tokenize.max_length ({limit})"
+            )
+        prompts.append(Prompt(text, formatted))
+    wanted = params.eval.generate.held_out_prompts
+    for _, record in read_jsonl(SUBSET_DIR / "eval.jsonl"):
+        if wanted == 0:
+            break
+        formatted = format_prompt(record["instruction"], record.get("input", ""))
+        if len(tokenizer(formatted)["input_ids"]) <= limit:
+            text = record["instruction"] + (f"\n\nInput: {record['input']}" if record.get("input") else "")
+            prompts.append(Prompt(text, formatted, record["output"]))
+            wanted -= 1
+    if not prompts:
+        raise PipelineError(
+            "eval.generate.prompts is empty and eval.generate.held_out_prompts is 0: nothing to compare"
+        )
+    return prompts
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, batch_size: int, desc: str
+) -> list[Generation]:
+    """Greedy, left-padded, KV-cached batches; returns only the new text of each prompt."""
+    tokenizer.padding_side = "left"
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
+        chunk = [p.model_input for p in prompts[start : start + batch_size]]
+        batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for ids in generated[:, batch["input_ids"].shape[1] :]:
+            ended = (ids == tokenizer.eos_token_id).any().item()
+            outputs.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), not ended))
+    tokenizer.padding_side = "right"
+    return outputs
+
+
+def runs_on(generation: Generation) -> bool:
+    """The output did not stop at its answer: it starts a new instruction, repeats itself, or hit the limit."""
+    if generation.hit_limit or INSTRUCTION_MARKER in generation.text:
+        return True
+    words = re.findall(r"\w+", generation.text.lower())
+    ngrams = [tuple(words[i : i + REPEAT_NGRAM]) for i in range(len(words) - REPEAT_NGRAM + 1)]
+    return any(ngrams.count(g) >= 3 for g in set(ngrams))
+
+
+def word_count(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def load_embedder(spec: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    source = str(package_path(spec, "eval.generate.embedder")) if spec.startswith(PACKAGE_PREFIX) else spec
+    try:
+        return SentenceTransformer(source, device="cpu", trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"eval.generate.embedder '{spec}': could not load: {str(err).splitlines()[0]}") from None
+
+
+def cosine(embedder: Any, a: list[str], b: list[str]) -> list[float]:
+    ea = embedder.encode(a, convert_to_tensor=True, normalize_embeddings=True)
+    eb = embedder.encode(b, convert_to_tensor=True, normalize_embeddings=True)
+    return (ea * eb).sum(dim=1).tolist()
+
+
+def compare(prompts: list[Prompt], base: list[Generation], tuned: list[Generation], embedder: Any) -> dict[str, Any]:
+    between = cosine(embedder, [g.text for g in base], [g.text for g in tuned])
+    with_ref = [i for i, p in enumerate(prompts) if p.reference]
+    refs = [prompts[i].reference for i in with_ref]
+
+    def to_reference(outputs: list[Generation]) -> dict[int, float]:
+        if not with_ref:
+            return {}
+        return dict(zip(with_ref, cosine(embedder, [outputs[i].text for i in with_ref], refs), strict=True))
+
+    base_ref, tuned_ref = to_reference(base), to_reference(tuned)
+    per_prompt = [
+        {
+            "prompt": p.text,
+            "cosine": round(between[i], 4),
+            "base_to_reference": round(base_ref[i], 4) if i in base_ref else None,
+            "finetuned_to_reference": round(tuned_ref[i], 4) if i in tuned_ref else None,
+            "base_words": word_count(base[i].text),
+            "finetuned_words": word_count(tuned[i].text),
+            "base_runs_on": runs_on(base[i]),
+            "finetuned_runs_on": runs_on(tuned[i]),
+        }
+        for i, p in enumerate(prompts)
+    ]
+    summary = {
+        "mean": round(statistics.fmean(between), 4),
+        "prompts": len(prompts),
+        "words": {
+            "base": statistics.fmean(r["base_words"] for r in per_prompt),
+            "finetuned": statistics.fmean(r["finetuned_words"] for r in per_prompt),
+        },
+        "runs_on_share": {
+            "base": statistics.fmean(r["base_runs_on"] for r in per_prompt),
+            "finetuned": statistics.fmean(r["finetuned_runs_on"] for r in per_prompt),
+        },
+    }
+    if with_ref:
+        summary["to_reference"] = {
+            "base": round(statistics.fmean(base_ref.values()), 4),
+            "finetuned": round(statistics.fmean(tuned_ref.values()), 4),
+        }
+    return {**summary, "per_prompt": per_prompt}
+
+
+def markdown_report(
+    prompts: list[Prompt], base: list[Generation], tuned: list[Generation], metrics: dict[str, Any]
+) -> str:
+    lines = [
+        "# Generations: base vs fine-tuned",
+        "",
+        f"Greedy decoding. Mean cosine (base vs fine-tuned): **{metrics['mean']}**.",
+        "",
+    ]
+    for i, (p, row) in enumerate(zip(prompts, metrics["per_prompt"], strict=True), start=1):
+        lines += [f"## {i}. {p.text.splitlines()[0]}", "", f"cosine {row['cosine']}", ""]
+        lines += ["| base | fine-tuned |", "|---|---|"]
+        cell = lambda g: g.text.replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"  # noqa: E731
+        lines += [f"| {cell(base[i - 1])} | {cell(tuned[i - 1])} |", ""]
+        if p.reference:
+            quoted = "\n".join(f"> {line}" for line in p.reference.strip().splitlines())
+            lines += ["Reference answer:", "", quoted, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    params = load_params()
+    settings = params.eval.generate
+    tokenizer = load_tokenizer(params.model)
+    prompts = build_prompts(params, tokenizer)
+    embedder = load_embedder(settings.embedder)
+    model = load_finetuned(params.model, ADAPTER_DIR)
+    tuned = generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, "generate fine-tuned")
+    with model.disable_adapter():
+        base = generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, "generate base")
+    metrics = compare(prompts, base, tuned, embedder)
+    log.info(
+        "mean cosine %.3f over %d prompts; words base %.0f -> fine-tuned %.0f; run-on %.2f -> %.2f",
+        metrics["mean"],
+        len(prompts),
+        metrics["words"]["base"],
+        metrics["words"]["finetuned"],
+        metrics["runs_on_share"]["base"],
+        metrics["runs_on_share"]["finetuned"],
+    )
+    with atomic_path(GENERATIONS_REPORT) as tmp:
+        tmp.write_text(markdown_report(prompts, base, tuned, metrics), encoding="utf-8")
+    write_json(COSINE_METRICS, metrics)
+
+
+if __name__ == "__main__":
+    run_stage("evaluate_cosine", main)

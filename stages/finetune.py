@@ -1,0 +1,170 @@
+"""LoRA fine-tune of the base model (4-bit through bitsandbytes when `model.quantization` is nf4/fp4).
+
+    python -m stages.finetune                       # one process
+    accelerate launch -m stages.finetune            # several GPUs (DDP); only rank 0 writes outs
+
+Reads data/tokenized/; writes models/adapter/ (adapter, tokenizer, resolved params.json), metrics/train.json and
+the loss curves under plots/curves/. Checkpoints go to models/checkpoints/ every epoch; a run killed mid-way resumes
+from the last one when params, data and code are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.errors import PipelineError, run_stage
+from stages.common.io import atomic_path, write_json
+from stages.common.models import load_base_model, load_tokenizer
+from stages.common.params import Params, load_params
+from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, TOKENIZED_DIR, TRAIN_METRICS
+from stages.common.tokenized import Collator, load_meta, load_split
+from stages.common.training import (
+    accumulation_steps,
+    checkpoint_to_resume,
+    fingerprint,
+    is_main_process,
+    pick_micro_batch,
+    world_size,
+    write_curves,
+)
+
+log = logging.getLogger("pipeline")
+
+CODE_FILES = [Path(__file__), *sorted(Path(__file__).parent.glob("common/*.py"))]
+
+
+def check_device(params: Params) -> None:
+    if params.train.precision == "fp16" and not torch.cuda.is_available():
+        raise PipelineError("train.precision 'fp16' needs a CUDA GPU; use fp32 or bf16 on CPU")
+
+
+def attach_lora(model: Any, params: Params) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if params.model.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=params.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        raise PipelineError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %.2fM trainable of %.1fM params (%.3f%%)", trainable / 1e6, total / 1e6, 100 * trainable / total)
+    return model
+
+
+def training_arguments(params: Params, micro: int) -> Any:
+    from transformers import TrainingArguments
+
+    train = params.train
+    return TrainingArguments(
+        output_dir=str(CHECKPOINT_DIR),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, world_size()),
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,
+        fp16=train.precision == "fp16",
+        bf16=train.precision == "bf16",
+        logging_steps=train.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
+    """Adapter + tokenizer + resolved params, so the folder (and its zip) says how it was made."""
+    model.peft_config["default"].base_model_name_or_path = params.model.name
+    model.peft_config["default"].revision = params.model.revision
+    with atomic_path(ADAPTER_DIR, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "params.json", params.to_dict())
+
+
+def training_metrics(trainer: Any, rows: list[dict], seconds: float, micro: int, model: Any) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    tokens = sum(len(r["input_ids"]) for r in rows) * trainer.args.num_train_epochs
+    trainable, total = model.get_nb_trainable_parameters()
+    return {
+        "train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.args.num_train_epochs,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "processes": world_size(),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def main() -> None:
+    from transformers import Trainer
+
+    params = load_params()
+    check_device(params)
+    meta = load_meta()
+    train_rows, eval_rows = load_split("train"), load_split("eval")
+    tokenizer = load_tokenizer(params.model)
+    model = attach_lora(load_base_model(params.model), params)
+    micro = pick_micro_batch(
+        model, params.train.micro_batch_size, params.train.effective_batch_size, world_size(), meta.max_length
+    )
+    args = training_arguments(params, micro)
+    batches = math.ceil(len(train_rows) / (micro * world_size()))
+    steps = math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(params.train.epochs)
+    log.info(
+        "%d rows, micro-batch %d x accumulation %d x %d process(es) = %d rows per optimizer step, %d steps",
+        len(train_rows), micro, args.gradient_accumulation_steps, world_size(), params.train.effective_batch_size, steps,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, data_collator=Collator(meta)
+    )
+    data_files = [TOKENIZED_DIR / name for name in ("train.jsonl", "eval.jsonl", "meta.json")]
+    resume = checkpoint_to_resume(CHECKPOINT_DIR, fingerprint(params, data_files + CODE_FILES))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    if not is_main_process():
+        return
+    metrics = training_metrics(trainer, train_rows, seconds, micro, model)
+    log.info(
+        "train loss %s, eval loss %s, %.0f tokens/s",
+        metrics["train_loss"],
+        metrics["eval_loss"],
+        metrics["tokens_per_second"],
+    )
+    save_adapter(model, tokenizer, params)
+    with atomic_path(CURVES_DIR, directory=True) as tmp:
+        write_curves(trainer.state.log_history, tmp)
+    write_json(TRAIN_METRICS, metrics)
+
+
+if __name__ == "__main__":
+    run_stage("finetune", main)

@@ -1,0 +1,91 @@
+"""Charts of what the fine-tune changed: perplexity bars and training curves.
+
+    python -m stages.plot
+
+Reads metrics/perplexity.json and plots/curves/{train,eval}.csv; writes plots/perplexity.png (base blue,
+fine-tuned orange, both perplexity kinds, values on the bars), plots/loss.png, and plots/perplexity.csv, the
+table behind `dvc plots show` / `dvc plots diff` (declared in dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stages.common.errors import PipelineError, run_stage  # noqa: E402
+from stages.common.io import atomic_path, read_json  # noqa: E402
+from stages.common.params import load_params  # noqa: E402
+from stages.common.paths import CURVES_DIR, PERPLEXITY_METRICS, PLOTS_DIR  # noqa: E402
+
+KINDS = ("seed", "response")  # the two perplexities of metrics/perplexity.json
+MODELS = {"base": ("base", "tab:blue"), "finetuned": ("fine-tuned", "tab:orange")}
+KIND_LABELS = {"seed": "seed-comparable\n(all positions, padding included)", "response": "response only\n(honest)"}
+
+
+def read_curve(path: Path) -> tuple[list[int], list[float]]:
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run finetune first") from None
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.38
+    for offset, (model, (label, color)) in zip((-width / 2, width / 2), MODELS.items(), strict=True):
+        values = [metrics[model][kind] for kind in KINDS]
+        bars = ax.bar([i + offset for i in range(len(KINDS))], values, width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
+    ax.set_xticks(range(len(KINDS)), [KIND_LABELS[k] for k in KINDS])
+    ax.set_ylabel("perplexity on the eval split (lower is better)")
+    ax.set_title(f"Perplexity, base vs fine-tuned ({metrics['rows']} held-out rows)")
+    ax.margins(y=0.15)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def loss_chart(target: Path, dpi: int) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, style in (("train", "-"), ("eval", "o--")):
+        steps, losses = read_curve(CURVES_DIR / f"{name}.csv")
+        ax.plot(steps, losses, style, label=f"{name} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.set_title("Training curves")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def perplexity_table(metrics: dict, target: Path) -> None:
+    """One row per (kind, model): the table `dvc plots` renders as horizontal bars."""
+    with atomic_path(target) as tmp, tmp.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["bar", "model", "kind", "perplexity"])
+        for kind in KINDS:
+            for model, (label, _) in MODELS.items():
+                writer.writerow([f"{kind}: {label}", label, kind, round(metrics[model][kind], 4)])
+
+
+def main() -> None:
+    params = load_params().plot
+    metrics = read_json(PERPLEXITY_METRICS)
+    perplexity_chart(metrics, PLOTS_DIR / "perplexity.png", params.dpi)
+    loss_chart(PLOTS_DIR / "loss.png", params.dpi)
+    perplexity_table(metrics, PLOTS_DIR / "perplexity.csv")
+
+
+if __name__ == "__main__":
+    run_stage("plot", main)

@@ -1,0 +1,49 @@
+"""Pick N train and M eval instruction records, reproducibly.
+
+    python -m stages.prepare_subset
+
+Reads `data.source` (a local JSONL/JSON/Parquet file, or `hub:<dataset id>` such as `hub:tatsu-lab/alpaca`);
+writes data/subset/train.jsonl and data/subset/eval.jsonl (disjoint, shuffled with `data.seed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from stages.common.errors import PipelineError, run_stage
+from stages.common.io import atomic_path, write_jsonl
+from stages.common.params import DataParams, load_params
+from stages.common.paths import SUBSET_DIR
+from stages.common.records import read_records
+
+log = logging.getLogger("pipeline")
+
+
+def split_records(records: list[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
+    """Shuffle with the seed, then take train first and eval right after: the two never overlap."""
+    wanted = params.train_size + params.eval_size
+    if wanted > len(records):
+        raise PipelineError(
+            f"data.train_size + data.eval_size = {params.train_size} + {params.eval_size} = {wanted} "
+            f"is more than the {len(records)} records in '{params.source}'"
+        )
+    order = list(range(len(records)))
+    random.Random(params.seed).shuffle(order)
+    train = [records[i] for i in order[: params.train_size]]
+    held_out = [records[i] for i in order[params.train_size : wanted]]
+    return train, held_out
+
+
+def main() -> None:
+    params = load_params().data
+    records = read_records(params.source, params.split, params.revision)
+    train, held_out = split_records(records, params)
+    with atomic_path(SUBSET_DIR, directory=True) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "eval.jsonl", held_out)
+    log.info("%d train / %d eval records -> %s", len(train), len(held_out), SUBSET_DIR)
+
+
+if __name__ == "__main__":
+    run_stage("prepare_subset", main)

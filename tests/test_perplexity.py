@@ -1,0 +1,58 @@
+import math
+
+import torch
+
+from stages.common.tokenized import pad_batch
+from stages.evaluate_ppl import loss_sums, perplexities, response_mask
+
+
+def test_loss_sums_match_hand_computed_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    ids = torch.tensor([[1, 3, 0, 2]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    by_hand = [-torch.log_softmax(logits[0, t], dim=-1)[ids[0, t + 1]].item() for t in range(3)]
+    sums = loss_sums(logits, ids, mask)
+    assert sums["seed"][1] == 3 and math.isclose(sums["seed"][0], sum(by_hand), rel_tol=1e-6)
+    assert sums["response"][1] == 2 and math.isclose(sums["response"][0], by_hand[1] + by_hand[2], rel_tol=1e-6)
+
+
+def test_response_mask_covers_answer_tokens_only():
+    rows = [{"input_ids": [1, 2, 3, 4], "prompt_len": 2}, {"input_ids": [1, 2, 3], "prompt_len": 1}]
+    assert response_mask(rows, 6).tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]]
+
+
+def rows_for(tokenizer):
+    texts = [("### Instruction:\nSay hi.\n\n### Response:\n", "Hi there."), ("### Instruction:\nCount.\n\n", "1 2 3")]
+    rows = []
+    for prompt, answer in texts:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": p + a, "labels": p + a, "prompt_len": len(p)})
+    return rows
+
+
+def test_reported_perplexity_is_exp_of_token_weighted_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = rows_for(tokenizer)
+    pad = tokenizer.pad_token_id
+    result = perplexities(model, rows, pad, 32, batch_size=1, desc="test")
+    batch = pad_batch(rows, pad, pad, pad_to=32)
+    with torch.no_grad():
+        hf_loss = model(**batch).loss  # HF: mean over every shifted position, labels = input_ids incl. padding
+    assert math.isclose(result["perplexity"]["seed"], math.exp(hf_loss.item()), rel_tol=1e-4)
+    assert result["tokens"]["seed"] == 2 * 31
+
+
+def test_response_perplexity_ignores_what_padding_holds(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = rows_for(tokenizer)
+    first = perplexities(model, rows, tokenizer.pad_token_id, 32, batch_size=2, desc="test")
+    other = perplexities(model, rows, tokenizer.pad_token_id + 7, 32, batch_size=2, desc="test")
+    assert math.isclose(first["perplexity"]["response"], other["perplexity"]["response"], rel_tol=1e-5)
+    assert first["perplexity"]["seed"] != other["perplexity"]["seed"]
+    assert first["tokens"]["response"] == sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)

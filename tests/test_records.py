@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from stages.common.errors import PipelineError
+from stages.common.params import DataParams
+from stages.common.records import read_records
+from stages.prepare_subset import split_records
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+    return path
+
+
+GOOD = json.dumps({"instruction": "Add 2 and 2.", "input": "", "output": "4"})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"instruction": "x", "output": ', "rows.jsonl:2: malformed JSON"),
+        (json.dumps({"instruction": "x"}), "rows.jsonl:2: missing field 'output'"),
+        (json.dumps({"instruction": "x", "output": 3}), "rows.jsonl:2: field 'output' must be a string, got int"),
+        (json.dumps({"instruction": " ", "output": "y"}), "rows.jsonl:2: field 'instruction' is empty"),
+        (json.dumps(["x", "y"]), "rows.jsonl:2: expected a JSON object, got list"),
+        (b'{"instruction": "caf\xe9", "output": "y"}', "rows.jsonl:2: not UTF-8 text"),
+    ],
+)
+def test_bad_row_names_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "rows.jsonl", [GOOD, line])
+    with pytest.raises(PipelineError) as err:
+        read_records(str(path))
+    assert message in str(err.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("")
+    with pytest.raises(PipelineError, match="no records"):
+        read_records(str(path))
+
+
+def test_missing_file_names_the_key(tmp_path):
+    with pytest.raises(PipelineError, match="data.source '.*nope.jsonl': file not found"):
+        read_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_json_and_parquet_give_the_same_records(tmp_path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "rows.json").write_text(json.dumps(records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "rows.parquet")
+    assert read_records(str(tmp_path / "rows.json")) == read_records(str(tmp_path / "rows.parquet")) == records
+
+
+def test_hub_loader_reads_a_local_stand_in(tmp_path, records):
+    """`hub:<id>` goes through datasets.load_dataset, which reads a folder laid out like a hub dataset repo."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "alpaca-stand-in" / "data"
+    repo.mkdir(parents=True)
+    extra = [{**r, "text": "ignored column"} for r in records]
+    pq.write_table(pa.Table.from_pylist(extra), repo / "train-00000-of-00001.parquet")
+    assert read_records(f"hub:{repo.parent}", split="train") == records
+
+
+def test_hub_loader_failure_is_one_line(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        read_records(f"hub:{tmp_path / 'no-such-dataset'}", split="train")
+    assert str(err.value).startswith("data.source 'hub:") and "\n" not in str(err.value)
+
+
+def test_split_is_seeded_and_disjoint(records):
+    params = DataParams("x", None, "train", 8, 3, seed=7)
+    train, held_out = split_records(records, params)
+    assert (len(train), len(held_out)) == (8, 3)
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held_out}
+    assert split_records(records, params) == (train, held_out)
+    assert split_records(records, DataParams("x", None, "train", 8, 3, seed=8)) != (train, held_out)
+
+
+def test_eval_size_above_the_data_names_the_keys(records):
+    with pytest.raises(PipelineError, match=r"data.train_size \+ data.eval_size = 8 \+ 5 = 13 is more than the 12"):
+        split_records(records, DataParams("x", None, "train", 8, 5, seed=0))

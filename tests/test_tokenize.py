@@ -1,0 +1,55 @@
+import pytest
+
+from stages.common.params import TokenizeParams
+from stages.common.prompt import RESPONSE_MARKER, format_prompt
+from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
+from stages.tokenize import tokenize_record
+
+RECORD = {"instruction": "Name a primary colour.", "input": "", "output": "Red."}
+
+
+def test_prompt_puts_instruction_then_optional_input_then_response_marker():
+    assert format_prompt("Do X.") == "### Instruction:\nDo X.\n\n### Response:\n"
+    with_input = format_prompt("Translate.", "bonjour")
+    assert with_input.index("### Instruction:") < with_input.index("### Input:\nbonjour") < with_input.index(
+        RESPONSE_MARKER
+    )
+
+
+def test_full_mask_labels_every_token_and_ends_with_eos(tokenizer):
+    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "full", "max_length"))
+    assert row["labels"] == row["input_ids"]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    answer = tokenizer.decode(row["input_ids"][row["prompt_len"] :], skip_special_tokens=True)
+    assert answer == "Red."
+
+
+def test_completion_mask_ignores_the_prompt_only(tokenizer):
+    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "completion", "longest"))
+    n = row["prompt_len"]
+    assert row["labels"][:n] == [IGNORE_INDEX] * n
+    assert row["labels"][n:] == row["input_ids"][n:]
+    assert tokenizer.decode(row["input_ids"][:n]) == format_prompt(RECORD["instruction"])
+
+
+def test_rows_are_cut_at_max_length(tokenizer):
+    long = {**RECORD, "output": "word " * 200}
+    row = tokenize_record(long, tokenizer, TokenizeParams(32, "completion", "longest"))
+    assert len(row["input_ids"]) == len(row["labels"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("loss_mask", "padding", "width", "label_pad"),
+    [("full", "max_length", 16, 2), ("completion", "longest", 5, IGNORE_INDEX)],
+)
+def test_collator_pads_as_meta_says(loss_mask, padding, width, label_pad):
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "prompt_len": 1},
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "prompt_len": 2},
+    ]
+    batch = Collator(TokenizedMeta(pad_token_id=2, max_length=16, loss_mask=loss_mask, padding=padding))(rows)
+    assert batch["input_ids"].shape == (2, width)
+    assert batch["input_ids"][0, 3:].eq(2).all()
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * (width - 3)
+    assert batch["labels"][0, 3:].eq(label_pad).all()
+    assert batch["labels"][1, :5].tolist() == [5, 6, 7, 8, 9]
