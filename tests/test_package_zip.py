@@ -26,8 +26,13 @@ def test_zip_holds_only_files_inside_the_folder(tmp_path):
     (folder / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
     write_zip(folder, tmp_path / "out.zip")
     names = zipfile.ZipFile(tmp_path / "out.zip").namelist()
-    assert sorted(names) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "params.json",
-                             "sub/tokenizer.json"]
+    assert sorted(names) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "params.json",
+        "sub/tokenizer.json",
+    ]
     assert all(not n.startswith("/") and ".." not in n.split("/") for n in names)
 
 

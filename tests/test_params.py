@@ -22,25 +22,53 @@ def with_change(path: str, value) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "profiles/seed.yaml"])
+PROFILES = ["params.yaml", "profiles/seed.yaml", "profiles/seed-exact.yaml"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_every_shipped_params_file_validates(profile):
     params = parse_params(load_yaml(REPO / profile), profile)
     assert params.lora.r > 0
 
 
-def test_seed_profile_is_the_seed_recipe():
-    seed = parse_params(load_yaml(REPO / "profiles/seed.yaml"))
+@pytest.mark.parametrize("profile", ["profiles/seed.yaml", "profiles/seed-exact.yaml"])
+def test_seed_profiles_keep_the_seed_recipe(profile):
+    seed = parse_params(load_yaml(REPO / profile))
     assert seed.model.name == "microsoft/phi-2"
-    assert (seed.model.quantization, seed.model.compute_dtype) == ("fp4", "float16")
-    assert (seed.lora.r, seed.lora.alpha, seed.lora.dropout) == (4, 8, 0.05)
+    assert seed.model.quantization == "fp4"  # BitsAndBytesConfig(load_in_4bit=True) defaults to fp4
+    assert (seed.lora.r, seed.lora.alpha, seed.lora.dropout, seed.lora.target_modules) == (4, 8, 0.05, None)
     assert seed.data.source == "hub:tatsu-lab/alpaca"
     assert (seed.data.train_size, seed.data.eval_size) == (5000, 500)
-    assert (seed.tokenize.max_length, seed.tokenize.loss_mask, seed.tokenize.padding) == (128, "full", "max_length")
-    assert (seed.train.micro_batch_size, seed.train.effective_batch_size) == (2, 16)
-    assert (seed.train.learning_rate, seed.train.weight_decay) == (3e-4, 0.01)
-    assert (seed.train.precision, seed.train.epochs, seed.train.logging_steps) == ("fp16", 1, 10)
+    assert seed.tokenize.max_length == 128
+    assert seed.train.effective_batch_size == 16
+    assert (seed.train.learning_rate, seed.train.weight_decay, seed.train.warmup_ratio) == (3e-4, 0.01, 0.0)
+    assert (seed.train.epochs, seed.train.logging_steps) == (1, 10)
     assert seed.eval.generate.prompts[0] == "Tell me a story about a brave warrior."
     assert seed.eval.generate.embedder == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_seed_exact_profile_is_the_seed_verbatim():
+    seed = parse_params(load_yaml(REPO / "profiles/seed-exact.yaml"))
+    assert seed.model.compute_dtype == "float16"
+    assert (seed.tokenize.loss_mask, seed.tokenize.padding) == ("full", "max_length")
+    assert (seed.train.micro_batch_size, seed.train.precision, seed.train.gradient_checkpointing) == (2, "fp16", True)
+    assert seed.train.group_by_length is False
+
+
+def test_seed_profiles_differ_only_in_how_they_run():
+    fast, exact = (load_yaml(REPO / p) for p in ("profiles/seed.yaml", "profiles/seed-exact.yaml"))
+    changed = {
+        f"{section}.{key}" for section in fast for key in fast[section] if fast[section][key] != exact[section][key]
+    }
+    assert changed == {
+        "model.compute_dtype",
+        "tokenize.loss_mask",
+        "tokenize.padding",
+        "train.micro_batch_size",
+        "train.precision",
+        "train.gradient_checkpointing",
+        "train.group_by_length",
+    }
 
 
 def test_default_keeps_seed_hyperparameters():

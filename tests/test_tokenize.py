@@ -11,8 +11,10 @@ RECORD = {"instruction": "Name a primary colour.", "input": "", "output": "Red."
 def test_prompt_puts_instruction_then_optional_input_then_response_marker():
     assert format_prompt("Do X.") == "### Instruction:\nDo X.\n\n### Response:\n"
     with_input = format_prompt("Translate.", "bonjour")
-    assert with_input.index("### Instruction:") < with_input.index("### Input:\nbonjour") < with_input.index(
-        RESPONSE_MARKER
+    assert (
+        with_input.index("### Instruction:")
+        < with_input.index("### Input:\nbonjour")
+        < with_input.index(RESPONSE_MARKER)
     )
 
 

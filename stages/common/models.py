@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def load_base_model(params: ModelParams) -> Any:
     if quantization is not None:
         extra["quantization_config"] = quantization
     if torch.cuda.is_available():
-        extra["device_map"] = {"": torch.cuda.current_device()}
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
+    if not resolve_model(params.name).gguf_file:
+        extra["use_safetensors"] = True  # never unpickle weights: a .bin checkpoint can run code when loaded
     model = _load(AutoModelForCausalLM, params, "model", **extra)
     if resolve_model(params.name).gguf_file:
         # GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
@@ -126,8 +129,9 @@ def load_finetuned(params: ModelParams, adapter_dir: Path) -> Any:
     """Base model with the trained adapter attached; `with model.disable_adapter():` gives the base back."""
     from peft import PeftModel
 
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PipelineError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run finetune first")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise PipelineError(f"{adapter_dir}: no trained adapter ({name} missing); run finetune first")
     model = PeftModel.from_pretrained(load_base_model(params), adapter_dir)
     model.eval()
     return model

@@ -73,6 +73,10 @@ class TrainParams:
     weight_decay: float = field(metadata=NON_NEGATIVE)
     warmup_ratio: float = field(metadata=PROBABILITY)
     precision: Literal["fp32", "fp16", "bf16"]
+    gradient_checkpointing: bool
+    group_by_length: bool
+    compile: bool
+    processes: int = field(metadata=POSITIVE)
     logging_steps: int = field(metadata=POSITIVE)
     seed: int
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,26 @@ import torch
 from stages.common.params import Params
 
 log = logging.getLogger("pipeline")
+
+
+class FirstStepTimer:
+    """Trainer callback: seconds from the start of training to the end of the first optimizer step (warm-up)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        owner = self
+        self.started, self.first_step_s = 0.0, None
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+                owner.started = time.perf_counter()
+
+            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+                if owner.first_step_s is None:
+                    owner.first_step_s = time.perf_counter() - owner.started
+
+        self.callback = _Callback()
 
 
 def world_size() -> int:
@@ -64,6 +85,19 @@ def pick_micro_batch(model: Any, requested: int | str, effective: int, processes
     raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")
 
 
+def compile_layers(model: Any) -> int:
+    """Compile each transformer block in place (regional compilation): the blocks share one compiled graph, so
+    compile time is that of one block, and the Trainer still sees the plain (quantized) model it accepts."""
+    blocks = max(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
+        key=len,
+        default=[],
+    )
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def fingerprint(params: Params, files: list[Path]) -> str:
     """Identity of a training run: its params, its data and the training code. Checkpoints resume only on a match."""
     digest = hashlib.sha256()
@@ -75,18 +109,21 @@ def fingerprint(params: Params, files: list[Path]) -> str:
 
 
 def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
-    """The last checkpoint of the same run, if any; checkpoints of any other run are removed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The last complete checkpoint of the same run, if any. Checkpoints of any other run, and one cut short
+    while being written (no trainer_state.json yet), are removed."""
     stamp = checkpoints / "fingerprint.txt"
     if checkpoints.is_dir() and (not stamp.is_file() or stamp.read_text() != run_id):
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     stamp.write_text(run_id)
-    last = get_last_checkpoint(str(checkpoints))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    complete = [p for p in saved if (p / "trainer_state.json").is_file()]
+    for partial in set(saved) - set(complete):
+        shutil.rmtree(partial)
+    if complete:
+        log.info("resuming from %s", complete[-1])
+        return str(complete[-1])
+    return None
 
 
 def write_curves(log_history: list[dict[str, Any]], directory: Path) -> None:

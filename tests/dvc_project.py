@@ -1,0 +1,81 @@
+"""Helpers for tests that drive the real `dvc` CLI in a copy of this repo, on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+ALL_STAGES = {"prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"}
+TINY = {
+    "data.train_size": 24,
+    "data.eval_size": 8,
+    "tokenize.max_length": 64,
+    "train.epochs": 1,
+    "train.micro_batch_size": 8,
+    "train.logging_steps": 1,
+    "eval.ppl.batch_size": 8,
+    "eval.generate.max_new_tokens": 8,
+    "eval.generate.held_out_prompts": 2,
+}
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", result.stdout + result.stderr))
+
+
+def set_params(root: Path, changes: dict) -> None:
+    path = root / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit(root: Path, message: str) -> None:
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", message)
+
+
+def make_project(target: Path, model_dir: Path, changes: dict | None = None) -> Path:
+    """A git repo holding this repo's files (no dvc.lock), params switched to the tiny model, committed."""
+    listed = run(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split()
+    for name in listed:
+        if (REPO / name).is_file() and name != "dvc.lock":
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    run(target, "git", "init", "-q")
+    set_params(target, {"model.name": str(model_dir), **TINY, **(changes or {})})
+    commit(target, "pipeline on a tiny model")
+    return target
