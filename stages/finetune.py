@@ -31,7 +31,9 @@ from stages.common.training import (
     compile_layers,
     fingerprint,
     is_main_process,
+    mark_complete,
     pick_micro_batch,
+    use_all_cpu_cores,
     world_size,
     write_curves,
 )
@@ -152,6 +154,7 @@ def main() -> None:
     params = load_params()
     check_device(params)
     set_seed(params.train.seed)  # before LoRA is attached: its A matrices are drawn from this generator
+    use_all_cpu_cores()
     meta = load_meta()
     train_rows, eval_rows = load_split("train"), load_split("eval")
     tokenizer = load_tokenizer(params.model)
@@ -194,6 +197,7 @@ def main() -> None:
         return
     metrics = training_metrics(trainer, train_rows, seconds, micro, model)
     metrics["first_step_seconds"] = round(first_step.first_step_s or 0.0, 2)
+    metrics["resumed_from_step"] = int(resume.rpartition("-")[2]) if resume else 0
     log.info(
         "train loss %s, eval loss %s, %.0f tokens/s",
         metrics["train_loss"],
@@ -204,6 +208,7 @@ def main() -> None:
     with atomic_path(CURVES_DIR, directory=True) as tmp:
         write_curves(trainer.state.log_history, tmp)
     write_json(TRAIN_METRICS, metrics)
+    mark_complete(CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Charts of what the fine-tune changed: perplexity bars and training curves.
+"""Charts and a results table of what the fine-tune changed.
 
     python -m stages.plot
 
-Reads metrics/perplexity.json and plots/curves/{train,eval}.csv; writes plots/perplexity.png (base blue,
-fine-tuned orange, both perplexity kinds, values on the bars), plots/loss.png, and plots/perplexity.csv, the
-table behind `dvc plots show` / `dvc plots diff` (declared in dvc.yaml).
+Reads metrics/{perplexity,cosine,train}.json and plots/curves/{train,eval}.csv; writes plots/perplexity.png (base
+blue, fine-tuned orange, both perplexity kinds, values on the bars), plots/loss.png, plots/perplexity.csv (the
+table behind `dvc plots show` / `dvc plots diff`, declared in dvc.yaml) and reports/results.md (the README's
+results section is a copy of it; tests/test_readme.py keeps them equal).
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from stages.common.errors import PipelineError, run_stage  # noqa: E402
 from stages.common.io import atomic_path, read_json  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
-from stages.common.paths import CURVES_DIR, PERPLEXITY_METRICS, PLOTS_DIR  # noqa: E402
+from stages.common.paths import (  # noqa: E402
+    COSINE_METRICS,
+    CURVES_DIR,
+    PERPLEXITY_METRICS,
+    PLOTS_DIR,
+    RESULTS_REPORT,
+    TRAIN_METRICS,
+)
 
 KINDS = ("seed", "response")  # the two perplexities of metrics/perplexity.json
 MODELS = {"base": ("base", "tab:blue"), "finetuned": ("fine-tuned", "tab:orange")}
@@ -36,6 +45,13 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
+def save_figure(fig: plt.Figure, target: Path, dpi: int) -> None:
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     width = 0.38
@@ -48,10 +64,7 @@ def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:
     ax.set_title(f"Perplexity, base vs fine-tuned ({metrics['rows']} held-out rows)")
     ax.margins(y=0.15)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, target, dpi)
 
 
 def loss_chart(target: Path, dpi: int) -> None:
@@ -60,13 +73,11 @@ def loss_chart(target: Path, dpi: int) -> None:
         steps, losses = read_curve(CURVES_DIR / f"{name}.csv")
         ax.plot(steps, losses, style, label=f"{name} loss")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title("Training curves")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, target, dpi)
 
 
 def perplexity_table(metrics: dict, target: Path) -> None:
@@ -79,12 +90,39 @@ def perplexity_table(metrics: dict, target: Path) -> None:
                 writer.writerow([f"{kind}: {label}", label, kind, round(metrics[model][kind], 4)])
 
 
+def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
+    """The figures a reader checks first, as a Markdown table, straight from the metrics files."""
+    rows = [
+        ("perplexity, response only (honest)", perplexity["base"]["response"], perplexity["finetuned"]["response"]),
+        ("perplexity, seed way (padding included)", perplexity["base"]["seed"], perplexity["finetuned"]["seed"]),
+        ("answer length, words (mean)", cosine["words"]["base"], cosine["words"]["finetuned"]),
+        ("outputs running on past the answer", cosine["runs_on_share"]["base"], cosine["runs_on_share"]["finetuned"]),
+    ]
+    if "to_reference" in cosine:
+        rows.append(
+            ("cosine to the reference answer", cosine["to_reference"]["base"], cosine["to_reference"]["finetuned"])
+        )
+    lines = ["| figure | base | fine-tuned |", "|---|---|---|"]
+    lines += [f"| {name} | {base:.3f} | {tuned:.3f} |" for name, base, tuned in rows]
+    lines += [
+        "",
+        f"Mean cosine similarity of base vs fine-tuned generations: **{cosine['mean']:.3f}** over "
+        f"{cosine['prompts']} prompts. Perplexity over {perplexity['rows']} held-out rows "
+        f"({perplexity['tokens']['response']} answer tokens). Training: {train['steps']} optimizer steps, "
+        f"final train loss {train['train_loss']:.3f}, eval loss {train['eval_loss']:.3f}, "
+        f"{train['train_seconds']:.0f} s, {train['tokens_per_second']:.0f} tokens/s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     params = load_params().plot
     metrics = read_json(PERPLEXITY_METRICS)
     perplexity_chart(metrics, PLOTS_DIR / "perplexity.png", params.dpi)
     loss_chart(PLOTS_DIR / "loss.png", params.dpi)
     perplexity_table(metrics, PLOTS_DIR / "perplexity.csv")
+    with atomic_path(RESULTS_REPORT) as tmp:
+        tmp.write_text(results_markdown(metrics, read_json(COSINE_METRICS), read_json(TRAIN_METRICS)), encoding="utf-8")
 
 
 if __name__ == "__main__":

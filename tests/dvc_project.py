@@ -28,6 +28,14 @@ TINY = {
 }
 
 
+def finetune_command(processes: int) -> list[str]:
+    """dvc.yaml's finetune command for `processes`; on a machine without GPUs accelerate needs --multi_gpu to start
+    several processes (they then talk over gloo)."""
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
+    args = cmd.replace("${train.processes}", str(processes)).split()
+    return args[:2] + ["--multi_gpu"] + args[2:] if processes > 1 else args
+
+
 def env() -> dict[str, str]:
     return {
         **os.environ,

@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.dvc_project import env, make_project, run
+from tests.dvc_project import env, finetune_command, make_project, run
 
 pytestmark = pytest.mark.slow
 ADAPTER = "models/adapter/adapter_model.safetensors"
@@ -70,25 +70,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
     assert expected.keys() == got.keys()
     for name in expected:
         assert (expected[name] - got[name]).abs().max().item() < 1e-6, name
-    steps = json.loads((project / "metrics/train.json").read_text())["steps"]
-    assert steps == json.loads((reference / "train.json").read_text())["steps"]
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["steps"] == json.loads((reference / "train.json").read_text())["steps"]
+    assert 0 < metrics["resumed_from_step"] < metrics["steps"]
 
 
 def test_two_processes_write_once_and_agree_with_one(project, reference):
-    result = fresh_finetune(
-        project,
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    )
+    result = fresh_finetune(project, *finetune_command(2)[:-2])  # dvc.yaml's launcher, without "-m stage"
     log = result.stdout + result.stderr
     assert log.count("wrote models/adapter") == 1 and log.count("wrote metrics/train.json") == 1
     two, one = (json.loads(p.read_text()) for p in (project / "metrics/train.json", reference / "train.json"))

@@ -13,6 +13,7 @@ TRAIN_METRICS = Path("metrics/train.json")
 PERPLEXITY_METRICS = Path("metrics/perplexity.json")
 COSINE_METRICS = Path("metrics/cosine.json")
 GENERATIONS_REPORT = Path("reports/generations.md")
+RESULTS_REPORT = Path("reports/results.md")
 
 
 def package_zip(name: str) -> Path:

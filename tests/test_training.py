@@ -1,0 +1,54 @@
+import pytest
+
+from stages.common.training import (
+    accumulation_steps,
+    checkpoint_to_resume,
+    compile_layers,
+    mark_complete,
+    pick_micro_batch,
+)
+
+
+@pytest.mark.parametrize(("micro", "processes", "accumulation"), [(2, 1, 8), (16, 1, 1), (8, 2, 1), (2, 2, 4)])
+def test_effective_batch_is_kept_whatever_the_split(micro, processes, accumulation):
+    assert accumulation_steps(16, micro, processes) == accumulation
+
+
+def test_effective_batch_that_does_not_split_is_an_error():
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x processes"):
+        accumulation_steps(16, 3, 2)
+
+
+def test_auto_micro_batch_on_cpu_is_the_whole_per_process_batch():
+    assert pick_micro_batch(None, "auto", 16, 2, 128) == 8
+    assert pick_micro_batch(None, 4, 16, 1, 128) == 4
+
+
+def test_resume_takes_the_last_complete_checkpoint_of_the_same_run(tmp_path):
+    folder = tmp_path / "checkpoints"
+    assert checkpoint_to_resume(folder, "run-a") is None
+    for step in (5, 10, 15):
+        (folder / f"checkpoint-{step}").mkdir()
+    for step in (5, 10):  # checkpoint-15 was being written when the run was killed
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert checkpoint_to_resume(folder, "run-a") == str(folder / "checkpoint-10")
+    assert not (folder / "checkpoint-15").exists()
+    assert checkpoint_to_resume(folder, "run-b") is None  # other params, data or code: start over
+    assert not (folder / "checkpoint-10").exists()
+
+
+def test_a_finished_run_is_never_resumed(tmp_path):
+    folder = tmp_path / "checkpoints"
+    checkpoint_to_resume(folder, "run-a")
+    (folder / "checkpoint-30").mkdir()
+    (folder / "checkpoint-30" / "trainer_state.json").write_text("{}")
+    mark_complete(folder)
+    assert checkpoint_to_resume(folder, "run-a") is None  # `dvc repro -f` trains again
+
+
+def test_compile_layers_compiles_each_transformer_block(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert compile_layers(model) == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
