@@ -126,14 +126,17 @@ def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
         write_json(tmp / "params.json", params.to_dict())
 
 
-def training_metrics(trainer: Any, rows: list[dict], seconds: float, micro: int, model: Any) -> dict[str, Any]:
+def training_metrics(
+    trainer: Any, result: Any, rows: list[dict], seconds: float, micro: int, model: Any
+) -> dict[str, Any]:
     history = trainer.state.log_history
     train_losses = [e["loss"] for e in history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
     tokens = sum(len(r["input_ids"]) for r in rows) * trainer.args.num_train_epochs
     trainable, total = model.get_nb_trainable_parameters()
     return {
-        "train_loss": train_losses[-1] if train_losses else None,
+        # the last logged loss; a run shorter than logging_steps logs none, so its mean loss stands in
+        "train_loss": train_losses[-1] if train_losses else result.training_loss,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.args.num_train_epochs,
@@ -191,11 +194,11 @@ def main() -> None:
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears stale checkpoints before others look
         resume = checkpoint_to_resume(CHECKPOINT_DIR, fingerprint(params, data_files + CODE_FILES))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     if not is_main_process():
         return
-    metrics = training_metrics(trainer, train_rows, seconds, micro, model)
+    metrics = training_metrics(trainer, result, train_rows, seconds, micro, model)
     metrics["first_step_seconds"] = round(first_step.first_step_s or 0.0, 2)
     metrics["resumed_from_step"] = int(resume.rpartition("-")[2]) if resume else 0
     log.info(
