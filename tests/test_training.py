@@ -52,3 +52,21 @@ def test_compile_layers_compiles_each_transformer_block(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert compile_layers(model) == model.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+
+
+def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):
+    """accelerate launch sets OMP_NUM_THREADS=1; one CPU process must still use all its cores."""
+    import os
+
+    import torch
+
+    from stages.common.training import use_all_cpu_cores
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        use_all_cpu_cores()
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(previous)
