@@ -112,10 +112,11 @@ def load_base_model(params: ModelParams) -> Any:
         extra["quantization_config"] = quantization
     if torch.cuda.is_available():
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
-    if not resolve_model(params.name).gguf_file:
+    from_gguf = resolve_model(params.name).gguf_file is not None
+    if not from_gguf:
         extra["use_safetensors"] = True  # never unpickle weights: a .bin checkpoint can run code when loaded
     model = _load(AutoModelForCausalLM, params, "model", **extra)
-    if resolve_model(params.name).gguf_file:
+    if from_gguf:
         # GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
         # refuses to train a model so labelled.
         model.hf_quantizer, model.is_quantized = None, False
