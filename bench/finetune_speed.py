@@ -1,9 +1,10 @@
 """Finetune speed: the seed recipe verbatim vs the pipeline's finetune stage, on a Phi-2-shaped random model.
 
     python bench/finetune_speed.py --save-tokenizer .bench/tokenizer     # here; carry it to the GPU machine
-    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline --out bench/results/
-    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part levers --out bench/results/
-    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part scaling --out bench/results/  # several GPUs
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --build-only    # once; shared by the parts
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline --tag _h100  # all visible GPUs
+    CUDA_VISIBLE_DEVICES=0 python bench/finetune_speed.py ... --part levers --work .bench/w0  # parts can run
+    CUDA_VISIBLE_DEVICES=1 python bench/finetune_speed.py ... --part quant --work .bench/w1   # side by side
     python bench/finetune_speed.py --smoke          # CPU check of the script itself, tiny model
 
 Every part measures (a) the seed recipe verbatim through the Trainer (4-bit fp4 with float16 compute, fp16,
@@ -13,11 +14,17 @@ ratio to it. The pipeline variants run the real stage (`python -m stages.finetun
 params from profiles/seed.yaml plus the variant's overrides.
 
 - headline: (a); (b) the seed profile, whole epoch of 5,000 rows, then the rest of the pipeline (evaluate_ppl,
-  evaluate_cosine, plot, package_zip) with each stage's time; (b) at (a)'s step count for the quality check.
-- levers: (a); the seed-exact settings through the stage with one lever after another switched on; then the
-  seed profile under a 16 GiB budget (torch.cuda.set_per_process_memory_fraction).
-- scaling: (a); the seed profile on 1 GPU and on every GPU of the machine (DDP through accelerate launch, as
-  dvc.yaml runs it); with regional torch.compile; with `quantization: none` in bf16.
+  evaluate_cosine, plot, package_zip) with each stage's time and its model-loading share; on a machine with several
+  GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); (c) `quantization: none`.
+- levers: (a); the seed profile eager, with regional torch.compile on a cold and on a warm compile cache; then
+  from the seed-exact settings through the stage, one lever after another switched on.
+- quant: (a); `quantization: none` in bf16, eager and compiled; the seed profile under a 16 GiB budget
+  (torch.cuda.set_per_process_memory_fraction); the seed profile at (a)'s step count for the quality check.
+
+Rows of `--lever-steps` steps report an estimated epoch: warm-up (the micro-batch probe and the first step, where
+compilation happens) + steady step time x (steps in an epoch - 1) + the end-of-epoch evaluation, each measured by
+the stage. Whole-epoch rows report the stage's probe + training wall time. `--set key=value` changes the seed
+profile for every pipeline row (e.g. `--set train.compile=false`).
 
 (a) runs `--seed-steps` optimizer steps; its epoch time is estimated as first step + steady step time x
 (steps in an epoch - 1) + its per-epoch evaluation, each measured. Response-only eval loss (prompt and padding
@@ -33,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -247,11 +255,21 @@ def set_dotted(params: dict, dotted: str, value: Any) -> None:
 class Pipeline:
     """Runs the real stage modules in a scratch folder, with profiles/seed.yaml plus overrides as params.yaml."""
 
-    def __init__(self, root: Path, model_dir: Path, smoke: bool) -> None:
-        self.root, self.model_dir, self.smoke = root, model_dir, smoke
+    def __init__(self, root: Path, model_dir: Path, smoke: bool, profile: dict[str, Any]) -> None:
+        self.root, self.model_dir, self.smoke, self.profile = root, model_dir, smoke, profile
+        self.tokenized_with: str | None = None
+        self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
+        self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
         raw = root / "data/raw/bench.jsonl"
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text("".join(json.dumps(r) + "\n" for r in bench_records(EPOCH_ROWS + EVAL_ROWS, seed=1)))
+
+    def steps(self, count: int) -> dict[str, Any]:
+        """Fractional epochs that the Trainer turns into exactly `count` optimizer steps (it rounds up)."""
+        return {"train.epochs": (count - 0.5) / math.ceil(self.epoch_rows / 16)}
+
+    def clear_compile_cache(self) -> None:
+        shutil.rmtree(self.compile_cache, ignore_errors=True)
 
     def params(self, overrides: dict[str, Any]) -> dict:
         params = copy.deepcopy(yaml.safe_load((REPO / "profiles/seed.yaml").read_text()))
@@ -268,7 +286,7 @@ class Pipeline:
                 "data.train_size": 64,
                 "data.eval_size": 16,
             }
-        for key, value in (base | overrides).items():
+        for key, value in (base | self.profile | overrides).items():
             set_dotted(params, key, value)
         if self.smoke:
             params["train"]["precision"], params["model"]["compute_dtype"] = "fp32", "float32"
@@ -295,6 +313,7 @@ class Pipeline:
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            "TORCHINDUCTOR_CACHE_DIR": str(self.compile_cache),
         }
         started = time.perf_counter()
         result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True)
@@ -302,26 +321,46 @@ class Pipeline:
         if result.returncode:
             sys.stderr.write(result.stdout[-3000:] + result.stderr[-6000:])
             raise SystemExit(f"stage {stage} failed ({result.returncode})")
-        return seconds
+        return seconds, result.stdout + result.stderr
+
+    def stage_times(self, stage: str, overrides: dict[str, Any]) -> dict[str, float]:
+        """A stage's wall time (process start to exit) and the part of it spent loading models."""
+        seconds, output = self.run(stage, overrides)
+        return {"wall_s": seconds, "load_s": loading_seconds(output)}
 
     def finetune(self, label: str, overrides: dict[str, Any], memory_gib: float | None = None) -> dict:
-        self.run("prepare_subset", overrides)
-        self.run("tokenize", overrides)
+        tokenize_key = json.dumps({k: v for k, v in overrides.items() if k.split(".")[0] in ("data", "tokenize")})
+        if tokenize_key != self.tokenized_with:  # prepare and tokenize only when their params change
+            self.run("prepare_subset", overrides)
+            self.run("tokenize", overrides)
+            self.tokenized_with = tokenize_key
         shutil.rmtree(self.root / "models/checkpoints", ignore_errors=True)  # time training, not resuming
-        stage_s = self.run("finetune", overrides, memory_gib)
+        stage_s, output = self.run("finetune", overrides, memory_gib)
         metrics = json.loads((self.root / "metrics/train.json").read_text())
+        steps, rows_per_step = metrics["steps"], self.params(overrides)["train"]["effective_batch_size"]
+        whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)
+        warm_up = metrics["probe_seconds"] + metrics["first_step_seconds"]  # compilation happens in the probe
+        epoch_s = metrics["probe_seconds"] + metrics["train_seconds"]
+        if not whole_epoch:
+            steady = metrics["step_seconds"] or metrics["train_seconds"] / steps
+            later_steps = math.ceil(self.epoch_rows / rows_per_step) - 1
+            epoch_s = warm_up + steady * later_steps + metrics["eval_seconds"]
         return {
             "variant": label,
-            "steps": metrics["steps"],
+            "steps": steps,
             "processes": metrics["processes"],
             "eval_loss_trainer": metrics["eval_loss"],
-            "epoch_s": metrics["train_seconds"],
-            "epoch_s_is_estimate": False,
+            "epoch_s": epoch_s,
+            "epoch_s_is_estimate": not whole_epoch,
+            "train_s": metrics["train_seconds"],
             "stage_s": stage_s,
-            "first_step_s": metrics["first_step_seconds"],
-            "s_per_step": metrics["train_seconds"] / metrics["steps"],
+            "load_s": loading_seconds(output),
+            "first_step_s": warm_up,
+            "probe_s": metrics["probe_seconds"],
+            "s_per_step": metrics["step_seconds"] or metrics["train_seconds"] / steps,
+            "eval_s": metrics["eval_seconds"],
             "micro_batch_size": metrics["micro_batch_size"],
-            "tokens_per_s": metrics["tokens_per_second"],
+            "tokens_per_s": self.epoch_tokens / epoch_s,
             "peak_gib": metrics["peak_gpu_gib"],
             "train_loss": metrics["train_loss"],
             "memory_cap_gib": memory_gib,
@@ -353,67 +392,82 @@ def embedder_stand_in(folder: Path) -> None:
     SentenceTransformer(modules=[word, models.Pooling(384), models.Normalize()]).save(str(folder))
 
 
-def quality_steps(seed_steps: int) -> dict[str, Any]:
-    """Fractional epochs that the Trainer turns into exactly `seed_steps` optimizer steps (it rounds up)."""
-    return {"train.epochs": (seed_steps - 0.5) / math.ceil(EPOCH_ROWS / 16)}
+def loading_seconds(output: str) -> float:
+    """Seconds a stage spent loading base models, from its `loaded ... in N s` log lines."""
+    return sum(float(m) for m in re.findall(r"\] loaded .* in ([0-9.]+) s$", output, flags=re.MULTILINE))
 
 
-def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int) -> None:
-    """The seed profile for a whole epoch, then the rest of the pipeline; and at (a)'s step count for quality."""
-    full = pipe.finetune("(b) seed profile, full card", {})
-    full["pipeline_stage_s"] = {"finetune": full["stage_s"]} | {
-        stage: pipe.run(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")
+def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """The seed profile for a whole epoch, then the rest of the pipeline; on all GPUs; the 16 GiB budget;
+    unquantized. Each row starts on an empty compile cache: what a first run on a fresh machine pays."""
+    pipe.clear_compile_cache()
+    full = pipe.finetune("(b) seed profile, 1 GPU", {})
+    full["pipeline_stages"] = {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}} | {
+        stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")
     }
     add(full)
-    same_steps = pipe.finetune(f"(b) seed profile, {seed_steps} steps (quality)", quality_steps(seed_steps))
-    same_steps["eval_loss"] = pipe.response_loss(quality_steps(seed_steps))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    if gpus > 1:
+        pipe.clear_compile_cache()
+        add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
+    add(pipe.finetune("(b) seed profile, 16 GiB cap", pipe.steps(lever_steps), memory_gib=None if pipe.smoke else 16))
+    pipe.clear_compile_cache()
+    add(pipe.finetune("(c) seed profile, quantization none, bf16", {"model.quantization": "none"}))
+
+
+def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """The seed profile eager, then compiled on a cold and a warm cache; then from the seed-exact settings one
+    lever after another (the last step of that chain is the seed profile eager, the first row)."""
+    short = pipe.steps(lever_steps)
+    add(pipe.finetune("seed profile (eager)", short | {"train.compile": False}))
+    pipe.clear_compile_cache()
+    optional(add, lambda: pipe.finetune("+ torch.compile, cold cache", short | {"train.compile": True}))
+    optional(add, lambda: pipe.finetune("+ torch.compile, warm cache", short | {"train.compile": True}))
+    overrides = dict(SEED_EXACT_EXECUTION) | short | {"train.compile": False}
+    for label, change in LEVERS[:-1]:
+        overrides |= change
+        add(pipe.finetune(label, overrides))
+
+
+def quant(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """Unquantized bf16 eager and compiled; the 16 GiB budget; quality at (a)'s step count."""
+    short = pipe.steps(lever_steps)
+    unquantized = short | {"model.quantization": "none"}
+    add(pipe.finetune("(c) quantization none, bf16 (eager)", unquantized | {"train.compile": False}))
+    pipe.clear_compile_cache()
+    optional(add, lambda: pipe.finetune("(c) + torch.compile, cold cache", unquantized | {"train.compile": True}))
+    optional(add, lambda: pipe.finetune("(c) + torch.compile, warm cache", unquantized | {"train.compile": True}))
+    add(pipe.finetune("(b) seed profile, 16 GiB cap", short, memory_gib=None if pipe.smoke else 16))
+    same_steps = pipe.finetune(f"(b) seed profile, {seed_steps} steps (quality)", pipe.steps(seed_steps))
+    same_steps["eval_loss"] = pipe.response_loss(pipe.steps(seed_steps))
     add(same_steps)
 
 
-def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int) -> None:
-    """From the seed-exact settings through the stage, one lever after another; then the 16 GiB budget."""
-    overrides = dict(SEED_EXACT_EXECUTION) | quality_steps(seed_steps)
-    for label, change in LEVERS:
-        overrides |= change
-        add(pipe.finetune(label, overrides))
-    add(pipe.finetune("(b) seed profile, 16 GiB cap", {}, memory_gib=None if pipe.smoke else 16))
+def optional(add: Callable[[dict], None], measure: Callable[[], dict]) -> None:
+    """A row that may fail (compilation): say so and go on, so the rows after it are still measured."""
+    try:
+        add(measure())
+    except SystemExit as err:
+        print(f"row failed: {err}", flush=True)
 
 
-def scaling(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int) -> None:
-    """The seed profile on 1 and on all GPUs (same effective batch and lr); regional compile; unquantized bf16."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    add(pipe.finetune("(b) seed profile, 1 GPU", {}))
-    if gpus > 1:
-        add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
-    for label, change in (
-        ("(b) + torch.compile (regional)", {"train.compile": True}),
-        ("(c) seed profile, quantization none, bf16", {"model.quantization": "none"}),
-    ):
-        try:
-            add(pipe.finetune(label, change))
-        except SystemExit as err:  # report and go on: the rows before are still worth having
-            print(f"{label}: {err}", flush=True)
-
-
-PARTS = {"headline": headline, "levers": levers, "scaling": scaling}
+PARTS = {"headline": headline, "levers": levers, "quant": quant}
 
 
 def table(seed: dict, rows: list[dict]) -> str:
+    """One line per variant; `~` marks an epoch estimated from a short run (see the module docstring)."""
     lines = [
-        f"{'variant':58} {'steps':>5} {'s/step':>7} {'epoch s':>8} {'tok/s':>8} {'MFU':>6} {'peak GiB':>8} "
-        f"{'eval loss':>9} {'speedup':>7}"
+        f"{'variant':52} {'steps':>5} {'warm-up':>7} {'s/step':>7} {'epoch s':>8} {'tok/s':>7} {'MFU':>6} "
+        f"{'peak GiB':>8} {'eval loss':>9} {'speedup':>7}"
     ]
     for row in [seed, *rows]:
-        epoch = seed["epoch_s"] / row["epoch_s"] if row["steps"] >= 300 or row is seed else None
-        step_ratio = seed["s_per_step"] / row["s_per_step"]
         mfu = row["tokens_per_s"] * LORA_FLOP_PER_TOKEN / BF16_PEAK
         loss = f"{row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "-"
-        speed = f"{epoch:.1f}x" if epoch else f"{step_ratio:.1f}x/st"
-        est = "~" if row.get("epoch_s_is_estimate") else " "
-        epoch_s = f"{est}{row['epoch_s']:.1f}" if row["steps"] >= 300 or row is seed else "-"
+        epoch_s = f"{'~' if row['epoch_s_is_estimate'] else ' '}{row['epoch_s']:.1f}"
         lines.append(
-            f"{row['variant'][:58]:58} {row['steps']:>5} {row['s_per_step']:>7.3f} {epoch_s:>8} "
-            f"{row['tokens_per_s']:>8.0f} {mfu:>6.1%} {row['peak_gib']:>8.2f} {loss:>9} {speed:>7}"
+            f"{row['variant'][:52]:52} {row['steps']:>5} {row['first_step_s']:>7.1f} {row['s_per_step']:>7.3f} "
+            f"{epoch_s:>8} {row['tokens_per_s']:>7.0f} {mfu:>6.1%} {row['peak_gib']:>8.2f} {loss:>9} "
+            f"{seed['epoch_s'] / row['epoch_s']:>6.1f}x"
         )
     return "\n".join(lines)
 
@@ -429,8 +483,14 @@ def main() -> None:
     parser.add_argument("--save-tokenizer", type=Path, help="save SmolLM2's tokenizer to this folder and exit")
     parser.add_argument("--part", choices=list(PARTS), default="headline")
     parser.add_argument("--seed-steps", type=int, default=20, help="optimizer steps of (a) and the quality runs")
-    parser.add_argument("--work", type=Path, default=REPO / ".bench/work")
+    parser.add_argument("--lever-steps", type=int, default=16, help="optimizer steps of the short pipeline rows")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="seed-profile change for every pipeline row"
+    )
+    parser.add_argument("--work", type=Path, default=REPO / ".bench/work", help="scratch folder (one per process)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
+    parser.add_argument("--tag", default="", help="suffix of the result file name, e.g. the device")
+    parser.add_argument("--build-only", action="store_true", help="build the random model and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     args = parser.parse_args()
     if args.save_tokenizer or not args.tokenizer:
@@ -443,11 +503,14 @@ def main() -> None:
             return
         args.tokenizer = folder
 
-    model_dir = args.work / ("random-phi2-smoke" if args.smoke else "random-phi2")
+    model_dir = REPO / ".bench" / ("random-phi2-smoke" if args.smoke else "random-phi2")  # shared by all --work
     started = time.perf_counter()
     build_random_model(model_dir, args.tokenizer, args.smoke)
     print(f"model ready in {time.perf_counter() - started:.0f} s", flush=True)
-    pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke)
+    if args.build_only:
+        return
+    profile = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile)
     embedder_stand_in(pipe.root / "embedder")
 
     from transformers import AutoTokenizer
@@ -464,6 +527,7 @@ def main() -> None:
     )
     steps = 2 if args.smoke else args.seed_steps
     seed = seed_recipe(model_dir, train_rows, eval_rows, steps, args.smoke)
+    pipe.epoch_rows, pipe.epoch_tokens = len(train_rows), sum(len(r["input_ids"]) for r in train_rows)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     results: list[dict] = []
 
@@ -471,33 +535,34 @@ def main() -> None:
         """Print the table and rewrite the JSON after every row, so a run cut short keeps what it measured."""
         results.append(row)
         print(f"\ndevice: {device}\n{table(seed, results)}", flush=True)
-        write_report(args.out, args.part, args.smoke, device, seed, results)
+        name = f"finetune_speed_{args.part}{args.tag}{'_smoke' if args.smoke else ''}.json"
+        write_report(args.out / name, device, seed, results, profile)
 
     print(table(seed, []), flush=True)
-    PARTS[args.part](pipe, add, steps)
+    PARTS[args.part](pipe, add, steps, 2 if args.smoke else args.lever_steps)
 
 
-def write_report(out: Path, part: str, smoke: bool, device: str, seed: dict, results: list[dict]) -> None:
-    main_row = next((r for r in results if r["steps"] >= 300 and r.get("memory_cap_gib") is None), results[0])
+def write_report(path: Path, device: str, seed: dict, results: list[dict], profile: dict[str, Any]) -> None:
+    whole = [r for r in results if not r["epoch_s_is_estimate"] and r.get("memory_cap_gib") is None]
+    main_row = (whole or results)[0]
     report = {
         "device": device,
-        "part": part,
+        "profile_changes": profile,
         "seed_recipe": seed,
         "pipeline": main_row,
         "variants": results,
         "speedup": seed["epoch_s"] / main_row["epoch_s"],
         "mfu_bound_tokens_per_s": BF16_PEAK / LORA_FLOP_PER_TOKEN,
     }
-    scaled = [r for r in results if r.get("processes", 1) > 1]
+    scaled = [r for r in whole if r["processes"] > 1]
     if scaled:
         report |= {
             "gpus": scaled[0]["processes"],
-            "scaling": results[0]["epoch_s"] / scaled[0]["epoch_s"],
-            "eval_loss_1_gpu": results[0]["eval_loss_trainer"],
+            "scaling": main_row["epoch_s"] / scaled[0]["epoch_s"],
+            "eval_loss_1_gpu": main_row["eval_loss_trainer"],
             "eval_loss_n_gpus": scaled[0]["eval_loss_trainer"],
         }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"finetune_speed_{part}{'_smoke' if smoke else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 

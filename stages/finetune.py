@@ -25,7 +25,7 @@ from stages.common.params import Params, load_params
 from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, TOKENIZED_DIR, TRAIN_METRICS
 from stages.common.tokenized import Collator, load_meta, load_split
 from stages.common.training import (
-    FirstStepTimer,
+    StepClock,
     accumulation_steps,
     checkpoint_to_resume,
     compile_layers,
@@ -152,7 +152,9 @@ def training_metrics(
 
 
 def main() -> None:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
+
+    from stages.common.trainer import TokenWeightedTrainer
 
     params = load_params()
     check_device(params)
@@ -162,9 +164,13 @@ def main() -> None:
     train_rows, eval_rows = load_split("train"), load_split("eval")
     tokenizer = load_tokenizer(params.model)
     model = attach_lora(load_base_model(params.model), params)
+    if params.train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
+        log.info("torch.compile: %d transformer blocks compiled in place", compile_layers(model))
+    probe_started = time.perf_counter()
     micro = pick_micro_batch(
         model, params.train.micro_batch_size, params.train.effective_batch_size, world_size(), meta.max_length
     )
+    probe_seconds = time.perf_counter() - probe_started
     args = training_arguments(params, micro)
     batches = math.ceil(len(train_rows) / (micro * world_size()))
     steps = math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(params.train.epochs)
@@ -177,16 +183,14 @@ def main() -> None:
         params.train.effective_batch_size,
         steps,
     )
-    if params.train.compile:
-        log.info("torch.compile: %d transformer blocks compiled in place", compile_layers(model))
-    first_step = FirstStepTimer()
-    trainer = Trainer(
+    clock = StepClock()
+    trainer = TokenWeightedTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=Collator(meta),
-        callbacks=[first_step.callback],
+        callbacks=[clock.callback],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
@@ -199,7 +203,7 @@ def main() -> None:
     if not is_main_process():
         return
     metrics = training_metrics(trainer, result, train_rows, seconds, micro, model)
-    metrics["first_step_seconds"] = round(first_step.first_step_s or 0.0, 2)
+    metrics |= clock.summary() | {"probe_seconds": round(probe_seconds, 2)}  # the probe also pays compilation
     metrics["resumed_from_step"] = int(resume.rpartition("-")[2]) if resume else 0
     log.info(
         "train loss %s, eval loss %s, %.0f tokens/s",

@@ -16,7 +16,15 @@ from tests.dvc_project import env, finetune_command, make_project, run
 
 pytestmark = pytest.mark.slow
 ADAPTER = "models/adapter/adapter_model.safetensors"
-LONGER = {"data.train_size": 160, "tokenize.max_length": 128, "train.epochs": 3, "train.logging_steps": 5}
+# Without length grouping, one process (accumulation 2) and two (one micro-batch each) see the same 16 rows in every
+# optimizer step, so their runs can be compared value by value.
+LONGER = {
+    "data.train_size": 160,
+    "tokenize.max_length": 128,
+    "train.epochs": 3,
+    "train.logging_steps": 5,
+    "train.group_by_length": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +91,10 @@ def test_two_processes_write_once_and_agree_with_one(project, reference):
     assert (two["processes"], one["processes"]) == (2, 1)
     assert two["steps"] == one["steps"]  # same effective batch: 16 rows per optimizer step either way
     assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]
-    assert abs(two["eval_loss"] - one["eval_loss"]) < 1e-3 * one["eval_loss"]
-    assert abs(two["train_loss"] - one["train_loss"]) < 1e-3 * one["train_loss"]
-    # The rows of each optimizer step differ (DistributedSampler vs RandomSampler order), so the weights are not
-    # compared value by value; the adapter has the same tensors.
+    # eval loss is token-weighted over the whole split: the same figure whatever the process count
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    # The weights are not compared value by value: each process draws its own LoRA dropout masks, which moves the
+    # updates by ~10% (the losses above agree to 1e-4); the adapter has the same tensors.
     expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
     assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}

@@ -1,6 +1,11 @@
-import pytest
+import itertools
 
+import pytest
+from transformers import TrainerState
+
+from stages.common import training
 from stages.common.training import (
+    StepClock,
     accumulation_steps,
     checkpoint_to_resume,
     compile_layers,
@@ -70,3 +75,24 @@ def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_step_clock_splits_warm_up_steady_steps_and_evaluation(monkeypatch):
+    # train begins at 0; steps end at 10 (warm-up), 11, 12, 13; evaluation ends at 18
+    times = iter([0.0, 10.0, 11.0, 12.0, 13.0, 18.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    clock, state = StepClock(), TrainerState(max_steps=4)
+    clock.callback.on_train_begin(None, None, None)
+    for state.global_step in range(1, 5):
+        clock.callback.on_step_end(None, state, None)
+    clock.callback.on_evaluate(None, None, None)
+    assert clock.summary() == {"first_step_seconds": 10.0, "step_seconds": 1.0, "eval_seconds": 5.0}
+
+
+def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):
+    times = itertools.count(0.0, 2.0)
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    clock, state = StepClock(), TrainerState(max_steps=1, global_step=1)
+    clock.callback.on_train_begin(None, None, None)
+    clock.callback.on_step_end(None, state, None)
+    assert clock.summary() == {"first_step_seconds": 2.0, "step_seconds": 0.0, "eval_seconds": 0.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def quantization_config(params: ModelParams) -> Any:
     )
 
 
+def fuse_activations(model: Any) -> int:
+    """Swap the tanh GELU written out in Python (`gelu_new`: Phi-2, GPT-2) for torch's fused kernel of the same
+    function: one kernel instead of seven, and backward keeps one tensor instead of six (GiBs at batch 16)."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 def load_base_model(params: ModelParams) -> Any:
     """The frozen base model on the GPU when there is one, 4-bit when `model.quantization` says so."""
     from transformers import AutoModelForCausalLM
@@ -115,14 +130,23 @@ def load_base_model(params: ModelParams) -> Any:
     from_gguf = resolve_model(params.name).gguf_file is not None
     if not from_gguf:
         extra["use_safetensors"] = True  # never unpickle weights: a .bin checkpoint can run code when loaded
+    started = time.perf_counter()
     model = _load(AutoModelForCausalLM, params, "model", **extra)
     if from_gguf:
         # GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
         # refuses to train a model so labelled.
         model.hf_quantizer, model.is_quantized = None, False
     model.config.use_cache = False
+    fuse_activations(model)
     total = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s (%s, %.1fM params, %s)", params.name, params.quantization, total / 1e6, model.device)
+    log.info(
+        "loaded %s (%s, %.1fM params, %s) in %.1f s",
+        params.name,
+        params.quantization,
+        total / 1e6,
+        model.device,
+        time.perf_counter() - started,
+    )
     return model
 
 

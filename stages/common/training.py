@@ -19,24 +19,41 @@ from stages.common.params import Params
 log = logging.getLogger("pipeline")
 
 
-class FirstStepTimer:
-    """Trainer callback: seconds from the start of training to the end of the first optimizer step (warm-up)."""
+class StepClock:
+    """Trainer callback timing a run's parts: the first optimizer step (warm-up and compilation), the steady
+    seconds per step after it, and the end-of-epoch evaluation. The GPU is synchronised at the first and the last
+    step only, so the times are the GPU's and no step in between waits on the host."""
 
     def __init__(self) -> None:
         from transformers import TrainerCallback
 
         owner = self
-        self.started, self.first_step_s = 0.0, None
+        self.started, self.step_ends, self.eval_s = 0.0, [], 0.0
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
                 owner.started = time.perf_counter()
 
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                if owner.first_step_s is None:
-                    owner.first_step_s = time.perf_counter() - owner.started
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if torch.cuda.is_available() and (not owner.step_ends or state.global_step == state.max_steps):
+                    torch.cuda.synchronize()
+                owner.step_ends.append(time.perf_counter())
+
+            def on_evaluate(self, *args: Any, **kwargs: Any) -> None:
+                owner.eval_s += time.perf_counter() - owner.step_ends[-1] if owner.step_ends else 0.0
 
         self.callback = _Callback()
+
+    def summary(self) -> dict[str, float]:
+        """Rounded seconds; steady step time is over the steps after the first (0 when there is only one)."""
+        ends = self.step_ends
+        first = ends[0] - self.started if ends else 0.0
+        steady = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0
+        return {
+            "first_step_seconds": round(first, 2),
+            "step_seconds": round(steady, 4),
+            "eval_seconds": round(self.eval_s, 2),
+        }
 
 
 def world_size() -> int:
@@ -69,6 +86,7 @@ def accumulation_steps(effective: int, micro: int, processes: int) -> int:
 def fits(model: Any, micro: int, max_length: int) -> bool:
     """One forward+backward at the longest shape; False when the GPU runs out of memory."""
     ids = torch.zeros((micro, max_length), dtype=torch.long, device=model.device)
+    model.train()  # the mode training runs in (dropout on), so a compiled model compiles the graph training uses
     try:
         model(input_ids=ids, labels=ids).loss.backward()
         return True
@@ -95,7 +113,9 @@ def pick_micro_batch(model: Any, requested: int | str, effective: int, processes
 
 def compile_layers(model: Any) -> int:
     """Compile each transformer block in place (regional compilation): the blocks share one compiled graph, so
-    compile time is that of one block, and the Trainer still sees the plain (quantized) model it accepts."""
+    compile time is that of one block, and the Trainer still sees the plain (quantized) model it accepts. The
+    compiled code is cached on disk (torch's inductor cache), so a rerun on the same machine compiles in seconds.
+    Pays with fixed shapes (`tokenize.padding: max_length`); rows padded per batch make it recompile for shapes."""
     blocks = max(
         (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
         key=len,

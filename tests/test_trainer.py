@@ -1,0 +1,41 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
+from stages.common.trainer import TokenWeightedTrainer
+
+# (length, prompt length): answers of very different lengths, so a mean of per-batch means is off
+SHAPES = ((40, 2), (6, 3), (30, 25), (12, 1), (9, 4))
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_model_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # a random tiny model predicts every token about equally badly: make losses differ
+        model.lm_head.weight.mul_(40)
+    rows = [
+        {"input_ids": list(range(7, 7 + n)), "labels": [IGNORE_INDEX] * k + list(range(7 + k, 7 + n))}
+        for n, k in SHAPES
+    ]
+    meta = TokenizedMeta(pad_token_id=0, max_length=64, loss_mask="completion", padding="longest")
+    args = TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("eval")), per_device_eval_batch_size=2, report_to="none", use_cpu=True
+    )
+    with torch.no_grad():  # the independent figure: one padded batch, the model's own mean over labelled tokens
+        whole = model(**Collator(meta)(rows)).loss.item()
+    return model, rows, meta, args, whole
+
+
+def test_eval_loss_is_token_weighted_over_the_whole_split(evaluation):
+    model, rows, meta, args, whole = evaluation
+    trainer = TokenWeightedTrainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(whole, rel=1e-5)
+    assert [e["eval_loss"] for e in trainer.state.log_history] == [pytest.approx(whole, rel=1e-5)]  # for the curves
+
+
+def test_the_stock_trainer_figure_moves_with_the_batch_size(evaluation):
+    model, rows, meta, args, whole = evaluation
+    stock = Trainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta)).evaluate()["eval_loss"]
+    assert stock != pytest.approx(whole, rel=1e-3)
