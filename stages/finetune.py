@@ -189,7 +189,7 @@ def main() -> None:
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=Collator(meta),
+        data_collator=Collator(meta, batch_rows=micro if params.train.compile else None),
         callbacks=[clock.callback],
     )
     if torch.cuda.is_available():

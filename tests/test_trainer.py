@@ -39,3 +39,21 @@ def test_the_stock_trainer_figure_moves_with_the_batch_size(evaluation):
     model, rows, meta, args, whole = evaluation
     stock = Trainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta)).evaluate()["eval_loss"]
     assert stock != pytest.approx(whole, rel=1e-3)
+
+
+def test_filler_rows_change_neither_loss_nor_gradients(evaluation):
+    model, rows, meta, _, _ = evaluation
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), model.lm_head.weight.grad.clone()
+
+    plain = Collator(meta)(rows[:3])
+    filled = Collator(meta, batch_rows=5)(rows[:3])
+    assert filled["input_ids"].shape[0] == 5 and filled["labels"][3:].eq(IGNORE_INDEX).all()
+    (loss, grad), (filled_loss, filled_grad) = loss_and_grad(plain), loss_and_grad(filled)
+    assert filled_loss == pytest.approx(loss, rel=1e-6)
+    torch.testing.assert_close(filled_grad, grad)
+    assert not filled_grad.isnan().any()

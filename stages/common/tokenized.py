@@ -54,12 +54,27 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class Collator:
-    """Trainer data collator that pads as tokenize's meta.json says."""
+def add_filler_rows(batch: dict[str, torch.Tensor], count: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`count` extra rows that change no loss and no gradient: every label ignored. Each attends to its first
+    token, so attention never meets a row with nothing to attend to (a softmax over nothing is NaN)."""
+    width = batch["input_ids"].shape[1]
+    input_ids = torch.full((count, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((count, width), dtype=torch.long)
+    attention_mask[:, 0] = 1
+    labels = torch.full((count, width), IGNORE_INDEX, dtype=torch.long)
+    extra = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {key: torch.cat([batch[key], extra[key]]) for key in batch}
 
-    def __init__(self, meta: TokenizedMeta):
-        self.meta = meta
+
+class Collator:
+    """Trainer data collator that pads as tokenize's meta.json says. With `batch_rows`, a short batch (the last of
+    an epoch) gets filler rows, so a compiled model sees one batch size and does not compile again for it."""
+
+    def __init__(self, meta: TokenizedMeta, batch_rows: int | None = None):
+        self.meta, self.batch_rows = meta, batch_rows
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad_to = self.meta.max_length if self.meta.padding == "max_length" else None
-        return pad_batch(rows, self.meta.pad_token_id, self.meta.label_pad, pad_to)
+        batch = pad_batch(rows, self.meta.pad_token_id, self.meta.label_pad, pad_to)
+        missing = (self.batch_rows or 0) - len(rows)
+        return add_filler_rows(batch, missing, self.meta.pad_token_id) if missing > 0 else batch
