@@ -1,6 +1,7 @@
 import itertools
 
 import pytest
+import torch
 from transformers import TrainerState
 
 from stages.common import training
@@ -57,6 +58,11 @@ def test_compile_layers_compiles_each_transformer_block(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert compile_layers(model) == model.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    # every block gets an input that requires grad in training (one compiled graph), none in evaluation
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.get_input_embeddings()(ids).requires_grad
+    with torch.no_grad():
+        assert not model.get_input_embeddings()(ids).requires_grad
 
 
 def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):

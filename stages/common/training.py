@@ -123,7 +123,15 @@ def compile_layers(model: Any) -> int:
     )
     for block in blocks:
         block.compile()
+    # Frozen embeddings give the first block an input that does not require grad, every later block one that does:
+    # two graphs. Marking the embeddings' output (when grad is on; evaluation stays one graph too) makes it one.
+    model.get_input_embeddings().register_forward_hook(_require_grad_when_training)
     return len(blocks)
+
+
+def _require_grad_when_training(module: Any, inputs: Any, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
 
 
 def fingerprint(params: Params, files: list[Path]) -> str:
