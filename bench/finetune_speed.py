@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.common.params import TokenizeParams  # noqa: E402
+from stages.common.training import StepClock  # noqa: E402
 from stages.evaluate_ppl import perplexities  # noqa: E402
 from stages.tokenize import tokenize_record  # noqa: E402
 
@@ -129,32 +130,6 @@ def bench_records(count: int, seed: int) -> list[dict[str, str]]:
     return [json.loads(rng.choice(lines)) for _ in range(count)]
 
 
-class StepTimer:
-    """Trainer callback: wall time at the end of every optimizer step (synchronised)."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, *args, **kwargs):
-                sync()
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, *args, **kwargs):
-                sync()
-                timer.marks.append(time.perf_counter())
-
-        self.start, self.marks, self.callback = 0.0, [], _Callback()
-
-    def epoch_estimate(self) -> tuple[float, float]:
-        """(first step incl. warm-up, steady seconds per step)."""
-        first = self.marks[0] - self.start
-        steady = (self.marks[-1] - self.marks[0]) / max(len(self.marks) - 1, 1)
-        return first, steady
-
-
 def response_eval_loss(model: Any, eval_rows: list[dict], pad_id: int, autocast_dtype: torch.dtype | None) -> float:
     """Mean token loss on answer tokens only (prompt and padding ignored): the quality yardstick for all variants."""
     model.eval()
@@ -202,7 +177,7 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
         per_device_eval_batch_size=8,
         use_cpu=smoke,
     )
-    timer = StepTimer()
+    clock = StepClock()
     collate = lambda rows: pad_batch(rows, pad, pad, pad_to=128)  # noqa: E731  labels = input_ids, padding included
     trainer = Trainer(
         model=model,
@@ -210,7 +185,7 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=collate,
-        callbacks=[timer.callback],
+        callbacks=[clock.callback],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -221,7 +196,8 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
     trainer.evaluate()  # the seed evaluated every epoch: part of its epoch time
     sync()
     eval_s = time.perf_counter() - started
-    first, steady = timer.epoch_estimate()
+    timing = clock.summary()
+    first, steady = timing["first_step_seconds"], timing["step_seconds"]
     steps_per_epoch = math.ceil(len(train_rows) / 16)
     epoch_s = first + steady * (steps_per_epoch - 1) + eval_s
     loss = response_eval_loss(model, eval_rows, pad, None if smoke else torch.float16)

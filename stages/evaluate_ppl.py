@@ -18,11 +18,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from stages.common.errors import run_stage
 from stages.common.io import write_json
+from stages.common.loss import next_token_losses
 from stages.common.models import load_finetuned
 from stages.common.params import load_params
 from stages.common.paths import ADAPTER_DIR, PERPLEXITY_METRICS
@@ -40,11 +40,10 @@ def loss_sums(
 
     `seed` counts every predicted position (padding too); `response` only positions where `response_mask` is set.
     """
-    targets = input_ids[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    token_loss = next_token_losses(logits, input_ids)
     mask = response_mask[:, 1:]
     return {
-        "seed": (token_loss.sum().item(), targets.numel()),
+        "seed": (token_loss.sum().item(), token_loss.numel()),
         "response": ((token_loss * mask).sum().item(), int(mask.sum().item())),
     }
 

@@ -7,18 +7,11 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Trainer
 
+from stages.common.loss import next_token_losses
 from stages.common.tokenized import IGNORE_INDEX
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over the labelled positions, and how many there are."""
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
 
 
 class TokenWeightedTrainer(Trainer):
@@ -43,8 +36,8 @@ class TokenWeightedTrainer(Trainer):
             for start in tqdm(range(0, len(shard), size), desc="eval loss", disable=not self.is_world_process_zero()):
                 batch = {k: v.to(device) for k, v in self.data_collator(shard[start : start + size]).items()}
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, count = token_loss_sum(logits, batch["labels"])
-                totals += torch.stack([loss, count.float()])
+                labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                totals += torch.stack([next_token_losses(logits, batch["labels"]).sum(), labelled.float()])
         self.model.train(was_training)
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
