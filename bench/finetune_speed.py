@@ -15,9 +15,13 @@ params from profiles/seed.yaml plus the variant's overrides.
 
 - headline: (a); (b) the seed profile, whole epoch of 5,000 rows, then the rest of the pipeline (evaluate_ppl,
   evaluate_cosine, plot, package_zip) with each stage's time and its model-loading share; on a machine with several
-  GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); (c) `quantization: none`.
-- levers: (a); the seed profile eager, with regional torch.compile on a cold and on a warm compile cache; then
-  from the seed-exact settings through the stage, one lever after another switched on.
+  GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); the 16 GiB budget;
+  (c) `quantization: none`; the quality check (the seed profile at (a)'s step count). Stage logs go to OUT.
+- scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP): the scaling of issue #7.
+- levers: (a); the seed profile eager (compile off, rows padded per batch), then compiled on a cold and on a warm
+  compile cache; then from the seed-exact settings through the stage, one lever after another switched on.
+- compiled: (a); eager; compiled on fixed shapes, cold and warm; the same unquantized. With --profile, each row
+  writes where the time of its steps 4-6 went (GPU kernels vs host), under OUT/profiles<tag>/.
 - quant: (a); `quantization: none` in bf16, eager and compiled; the seed profile under a 16 GiB budget
   (torch.cuda.set_per_process_memory_fraction); the seed profile at (a)'s step count for the quality check.
 
@@ -56,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.common.params import TokenizeParams  # noqa: E402
-from stages.common.training import StepClock  # noqa: E402
+from stages.common.training import PROFILE_ENV, StepClock  # noqa: E402
 from stages.evaluate_ppl import perplexities  # noqa: E402
 from stages.tokenize import tokenize_record  # noqa: E402
 
@@ -231,8 +235,18 @@ def set_dotted(params: dict, dotted: str, value: Any) -> None:
 class Pipeline:
     """Runs the real stage modules in a scratch folder, with profiles/seed.yaml plus overrides as params.yaml."""
 
-    def __init__(self, root: Path, model_dir: Path, smoke: bool, profile: dict[str, Any]) -> None:
-        self.root, self.model_dir, self.smoke, self.profile = root, model_dir, smoke, profile
+    def __init__(
+        self,
+        root: Path,
+        model_dir: Path,
+        smoke: bool,
+        profile: dict[str, Any],
+        traces: Path | None = None,
+        stage_log: Path | None = None,
+    ) -> None:
+        self.root, self.model_dir, self.smoke, self.profile, self.traces = root, model_dir, smoke, profile, traces
+        self.stage_log = stage_log  # where the rest-of-pipeline stages' output goes (their progress bars time them)
+        self.skip: set[str] = set()  # headline rows left out (--skip)
         self.tokenized_with: str | None = None
         self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
         self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
@@ -268,7 +282,9 @@ class Pipeline:
             params["train"]["precision"], params["model"]["compute_dtype"] = "fp32", "float32"
         return params
 
-    def run(self, stage: str, overrides: dict[str, Any], memory_gib: float | None = None) -> float:
+    def run(
+        self, stage: str, overrides: dict[str, Any], memory_gib: float | None = None, trace: Path | None = None
+    ) -> tuple[float, str]:
         params = self.params(overrides)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         code = "import runpy, torch\n"
@@ -291,6 +307,8 @@ class Pipeline:
             "TOKENIZERS_PARALLELISM": "false",
             "TORCHINDUCTOR_CACHE_DIR": str(self.compile_cache),
         }
+        if trace:
+            env[PROFILE_ENV] = str(trace)
         started = time.perf_counter()
         result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
@@ -302,7 +320,15 @@ class Pipeline:
     def stage_times(self, stage: str, overrides: dict[str, Any]) -> dict[str, float]:
         """A stage's wall time (process start to exit) and the part of it spent loading models."""
         seconds, output = self.run(stage, overrides)
+        self.keep_log(stage, seconds, output)
         return {"wall_s": seconds, "load_s": loading_seconds(output)}
+
+    def keep_log(self, what: str, seconds: float, output: str) -> None:
+        """Stage output (progress bars included, so it times each part) appended to the stage log, if any."""
+        if self.stage_log:
+            self.stage_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.stage_log.open("a") as log:
+                log.write(f"===== {what}: {seconds:.1f} s\n{output}\n")
 
     def finetune(self, label: str, overrides: dict[str, Any], memory_gib: float | None = None) -> dict:
         tokenize_key = json.dumps({k: v for k, v in overrides.items() if k.split(".")[0] in ("data", "tokenize")})
@@ -311,7 +337,9 @@ class Pipeline:
             self.run("tokenize", overrides)
             self.tokenized_with = tokenize_key
         shutil.rmtree(self.root / "models/checkpoints", ignore_errors=True)  # time training, not resuming
-        stage_s, output = self.run("finetune", overrides, memory_gib)
+        trace = self.traces / f"{re.sub(r'[^a-z0-9]+', '_', label.lower()).strip('_')}.txt" if self.traces else None
+        stage_s, output = self.run("finetune", overrides, memory_gib, trace)
+        self.keep_log(f"finetune, {label}", stage_s, output)
         metrics = json.loads((self.root / "metrics/train.json").read_text())
         steps, rows_per_step = metrics["steps"], self.params(overrides)["train"]["effective_batch_size"]
         whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)
@@ -386,19 +414,42 @@ def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
     if gpus > 1:
         pipe.clear_compile_cache()
         add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
-    add(pipe.finetune("(b) seed profile, 16 GiB cap", pipe.steps(lever_steps), memory_gib=None if pipe.smoke else 16))
+    if "16gib" not in pipe.skip:
+        cap = None if pipe.smoke else 16
+        add(pipe.finetune("(b) seed profile, 16 GiB cap", pipe.steps(lever_steps), memory_gib=cap))
+    if "none" not in pipe.skip:
+        pipe.clear_compile_cache()
+        unquantized = {"model.quantization": "none"}
+        optional(add, lambda: pipe.finetune("(c) seed profile, quantization none, bf16", unquantized))
+    if "quality" not in pipe.skip:
+        optional(add, lambda: quality(pipe, seed_steps))
+
+
+def quality(pipe: Pipeline, seed_steps: int) -> dict:
+    """The seed profile stopped at (a)'s step count, with the response-only eval loss (a) is scored with."""
+    row = pipe.finetune(f"(b) seed profile, {seed_steps} steps (quality)", pipe.steps(seed_steps))
+    row["eval_loss"] = pipe.response_loss(pipe.steps(seed_steps))
+    return row
+
+
+def scaling(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """The seed profile for a whole epoch on one GPU, then on all of them (DDP), each on a cold compile cache."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
     pipe.clear_compile_cache()
-    add(pipe.finetune("(c) seed profile, quantization none, bf16", {"model.quantization": "none"}))
+    add(pipe.finetune("(b) seed profile, 1 GPU", {}))
+    pipe.clear_compile_cache()
+    add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
 
 
 def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
     """The seed profile eager, then compiled on a cold and a warm cache; then from the seed-exact settings one
     lever after another (the last step of that chain is the seed profile eager, the first row)."""
     short = pipe.steps(lever_steps)
-    add(pipe.finetune("seed profile (eager)", short | {"train.compile": False}))
+    eager = {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
+    add(pipe.finetune("seed profile (eager)", short | eager))
     pipe.clear_compile_cache()
-    optional(add, lambda: pipe.finetune("+ torch.compile, cold cache", short | {"train.compile": True}))
-    optional(add, lambda: pipe.finetune("+ torch.compile, warm cache", short | {"train.compile": True}))
+    optional(add, lambda: pipe.finetune("seed profile (compiled, fixed shapes), cold cache", short))
+    optional(add, lambda: pipe.finetune("seed profile (compiled, fixed shapes), warm cache", short))
     overrides = dict(SEED_EXACT_EXECUTION) | short | {"train.compile": False}
     for label, change in LEVERS[:-1]:
         overrides |= change
@@ -414,9 +465,7 @@ def quant(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_st
     optional(add, lambda: pipe.finetune("(c) + torch.compile, cold cache", unquantized | {"train.compile": True}))
     optional(add, lambda: pipe.finetune("(c) + torch.compile, warm cache", unquantized | {"train.compile": True}))
     add(pipe.finetune("(b) seed profile, 16 GiB cap", short, memory_gib=None if pipe.smoke else 16))
-    same_steps = pipe.finetune(f"(b) seed profile, {seed_steps} steps (quality)", pipe.steps(seed_steps))
-    same_steps["eval_loss"] = pipe.response_loss(pipe.steps(seed_steps))
-    add(same_steps)
+    add(quality(pipe, seed_steps))
 
 
 def optional(add: Callable[[dict], None], measure: Callable[[], dict]) -> None:
@@ -427,7 +476,22 @@ def optional(add: Callable[[dict], None], measure: Callable[[], dict]) -> None:
         print(f"row failed: {err}", flush=True)
 
 
-PARTS = {"headline": headline, "levers": levers, "quant": quant}
+def compiled(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """The seed profile eager; compiled on fixed shapes (every batch padded to max_length), cold then warm cache;
+    the same unquantized. With --profile each row also writes where its steps' time goes."""
+    short = pipe.steps(lever_steps)
+    fixed = short | {"train.compile": True, "tokenize.padding": "max_length"}
+    eager = {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
+    add(pipe.finetune("(b) seed profile eager, rows padded per batch", short | eager))
+    pipe.clear_compile_cache()
+    optional(add, lambda: pipe.finetune("(b) compiled, fixed shapes, cold cache", fixed))
+    optional(add, lambda: pipe.finetune("(b) compiled, fixed shapes, warm cache", fixed))
+    pipe.clear_compile_cache()
+    unquantized = fixed | {"model.quantization": "none"}
+    optional(add, lambda: pipe.finetune("(c) none, compiled, fixed shapes, cold", unquantized))
+
+
+PARTS = {"headline": headline, "scaling": scaling, "levers": levers, "quant": quant, "compiled": compiled}
 
 
 def table(seed: dict, rows: list[dict]) -> str:
@@ -468,6 +532,10 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file name, e.g. the device")
     parser.add_argument("--build-only", action="store_true", help="build the random model and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
+    parser.add_argument("--skip", default="", help="headline rows to leave out: 16gib,none,quality")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile steps of each pipeline row (tables under OUT/profiles/)"
+    )
     args = parser.parse_args()
     if args.save_tokenizer or not args.tokenizer:
         from stages.common.models import load_tokenizer
@@ -486,7 +554,10 @@ def main() -> None:
     if args.build_only:
         return
     profile = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
-    pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile)
+    traces = args.out / f"profiles{args.tag}" if args.profile else None
+    stage_log = args.out / f"stage_logs_{args.part}{args.tag}{'_smoke' if args.smoke else ''}.txt"
+    pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, traces, stage_log)
+    pipe.skip = {name for name in args.skip.split(",") if name}
     embedder_stand_in(pipe.root / "embedder")
 
     from transformers import AutoTokenizer

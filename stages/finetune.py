@@ -33,6 +33,7 @@ from stages.common.training import (
     is_main_process,
     mark_complete,
     pick_micro_batch,
+    step_profiler,
     use_all_cpu_cores,
     world_size,
     write_curves,
@@ -60,7 +61,10 @@ def attach_lora(model: Any, params: Params) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = params.train.gradient_checkpointing
-    if params.model.quantization != "none":
+    if params.model.quantization != "none" and params.train.precision == "fp16":
+        # peft's QLoRA preparation: every weight that is not 4-bit (norms, embeddings, head, biases) goes to fp32,
+        # which fp16 needs for stability. bf16 does not, and fp32 copies make every activation between the layers
+        # fp32 too (more memory and traffic): with bf16 the weights stay as loaded and peft freezes them.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     elif checkpointing:
         model.gradient_checkpointing_enable()
@@ -88,7 +92,9 @@ def training_arguments(params: Params, micro: int) -> Any:
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
         per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro,
+        # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
+        # fewer, larger batches matter because evaluation runs eagerly (stages/common/trainer.py).
+        per_device_eval_batch_size=4 * micro,
         gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, world_size()),
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
@@ -167,8 +173,9 @@ def main() -> None:
     if params.train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
         log.info("torch.compile: %d transformer blocks compiled in place", compile_layers(model))
     probe_started = time.perf_counter()
+    train = params.train
     micro = pick_micro_batch(
-        model, params.train.micro_batch_size, params.train.effective_batch_size, world_size(), meta.max_length
+        model, train.micro_batch_size, train.effective_batch_size, world_size(), meta.max_length, train.precision
     )
     probe_seconds = time.perf_counter() - probe_started
     args = training_arguments(params, micro)
@@ -183,14 +190,15 @@ def main() -> None:
         params.train.effective_batch_size,
         steps,
     )
-    clock = StepClock()
+    profiler = step_profiler()
+    clock = StepClock(steady_from=profiler.first + profiler.count if profiler else 1)
     trainer = TokenWeightedTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=Collator(meta, batch_rows=micro if params.train.compile else None),
-        callbacks=[clock.callback],
+        callbacks=[clock.callback] + ([profiler.callback] if profiler else []),
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training

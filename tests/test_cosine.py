@@ -59,3 +59,32 @@ def test_prompts_are_configured_then_held_out_with_references(subset, tokenizer,
 def test_bad_prompts_are_one_line_naming_the_key(subset, tokenizer, generate, message):
     with pytest.raises(PipelineError, match=message):
         build_prompts(params_with(**generate), tokenizer)
+
+
+def test_both_models_in_one_batch_generate_what_each_generates_alone(tiny_model_dir, tokenizer):
+    import contextlib
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.evaluate_cosine import Prompt, generate_both
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    ).eval()  # random A and B: the adapter changes what the model says
+    prompts = [Prompt(text, text) for text in ("Tell me a story.", "Name three colours of the rainbow, please.")]
+
+    def alone(adapter_on):
+        tokenizer.padding_side = "left"
+        batch = tokenizer([p.model_input for p in prompts], return_tensors="pt", padding=True)
+        with torch.no_grad(), contextlib.nullcontext() if adapter_on else model.disable_adapter():
+            ids = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = ids[:, batch["input_ids"].shape[1] :]
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    tuned, base = generate_both(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    assert [g.text for g in tuned] == alone(True)
+    assert [g.text for g in base] == alone(False)
+    assert [g.text for g in tuned] != [g.text for g in base]

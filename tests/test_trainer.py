@@ -57,3 +57,14 @@ def test_filler_rows_change_neither_loss_nor_gradients(evaluation):
     assert filled_loss == pytest.approx(loss, rel=1e-6)
     torch.testing.assert_close(filled_grad, grad)
     assert not filled_grad.isnan().any()
+
+
+def test_evaluation_runs_eagerly_even_on_a_compiled_model(evaluation, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    model, rows, meta, args, whole = evaluation
+    counter = CompileCounter()
+    monkeypatch.setattr(model, "forward", torch.compile(model.forward, backend=counter))
+    trainer = TokenWeightedTrainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(whole, rel=1e-5)
+    assert counter.frame_count == 0  # compiling a no-grad graph for one evaluation costs more than it saves

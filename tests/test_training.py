@@ -7,9 +7,11 @@ from transformers import TrainerState
 from stages.common import training
 from stages.common.training import (
     StepClock,
+    StepProfiler,
     accumulation_steps,
     checkpoint_to_resume,
     compile_layers,
+    fits,
     mark_complete,
     pick_micro_batch,
 )
@@ -26,8 +28,8 @@ def test_effective_batch_that_does_not_split_is_an_error():
 
 
 def test_auto_micro_batch_on_cpu_is_the_whole_per_process_batch():
-    assert pick_micro_batch(None, "auto", 16, 2, 128) == 8
-    assert pick_micro_batch(None, 4, 16, 1, 128) == 4
+    assert pick_micro_batch(None, "auto", 16, 2, 128, "fp32") == 8
+    assert pick_micro_batch(None, 4, 16, 1, 128, "fp32") == 4
 
 
 def test_resume_takes_the_last_complete_checkpoint_of_the_same_run(tmp_path):
@@ -65,6 +67,32 @@ def test_compile_layers_compiles_each_transformer_block(tiny_model_dir):
         assert not model.get_input_embeddings()(ids).requires_grad
 
 
+def test_the_micro_batch_probe_compiles_the_graph_training_runs(tiny_model_dir, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+    from transformers import AutoModelForCausalLM
+
+    from stages.common.tokenized import Collator, TokenizedMeta
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    counter, compile_as_is = CompileCounter(), torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_as_is(self, backend=counter))
+    torch._dynamo.reset()
+    compile_layers(model)
+    assert fits(model, 2, 16, "bf16")
+    probed = counter.frame_count
+    assert probed >= 1
+    # a training step as the Trainer takes it: a collated batch, under the autocast it runs in
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8, 9, 10, 11], "labels": [-100, 9, 10, 11]},
+    ]
+    batch = Collator(TokenizedMeta(pad_token_id=0, max_length=16, loss_mask="completion", padding="max_length"))(rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert counter.frame_count == probed  # nothing compiled again: the probe's graph is the training graph
+
+
 def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):
     """accelerate launch sets OMP_NUM_THREADS=1; one CPU process must still use all its cores."""
     import os
@@ -93,6 +121,34 @@ def test_step_clock_splits_warm_up_steady_steps_and_evaluation(monkeypatch):
         clock.callback.on_step_end(None, state, None)
     clock.callback.on_evaluate(None, None, None)
     assert clock.summary() == {"first_step_seconds": 10.0, "step_seconds": 1.0, "eval_seconds": 5.0}
+
+
+def test_step_clock_measures_steady_steps_after_the_profiled_ones(monkeypatch):
+    # steps 2 and 3 are slow (profiled): steady time is over steps 4 and 5 only
+    times = iter([0.0, 10.0, 15.0, 20.0, 21.0, 22.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    clock, state = StepClock(steady_from=3), TrainerState(max_steps=5)
+    clock.callback.on_train_begin(None, None, None)
+    for state.global_step in range(1, 6):
+        clock.callback.on_step_end(None, state, None)
+    assert clock.summary()["step_seconds"] == 1.0
+
+
+def test_step_profiler_reports_the_profiled_steps_operators(tmp_path):
+    report = tmp_path / "profile.txt"
+    profiler, state = StepProfiler(report), TrainerState(max_steps=8)
+    for step in range(8):
+        profiler.callback.on_step_begin(None, state, None)
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        if step == 4:
+            torch.linalg.qr(torch.randn(32, 32))  # only in a profiled step
+        if step == 7:
+            torch.linalg.svd(torch.randn(32, 32))  # after the profiled steps
+        state.global_step = step + 1
+        profiler.callback.on_step_end(None, state, None)
+    text = report.read_text()
+    assert text.startswith("steps 4-6: wall ")
+    assert "aten::mm" in text and "aten::linalg_qr" in text and "aten::linalg_svd" not in text
 
 
 def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):

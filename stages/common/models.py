@@ -157,6 +157,9 @@ def load_finetuned(params: ModelParams, adapter_dir: Path) -> Any:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
             raise PipelineError(f"{adapter_dir}: no trained adapter ({name} missing); run finetune first")
-    model = PeftModel.from_pretrained(load_base_model(params), adapter_dir)
+    base = load_base_model(params)
+    started = time.perf_counter()
+    model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
+    log.info("loaded adapter %s in %.1f s", adapter_dir, time.perf_counter() - started)
     return model

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from stages.common.fourbit import inline_4bit_layers
 from stages.common.params import Params
 
 log = logging.getLogger("pipeline")
@@ -21,21 +22,23 @@ log = logging.getLogger("pipeline")
 
 class StepClock:
     """Trainer callback timing a run's parts: the first optimizer step (warm-up and compilation), the steady
-    seconds per step after it, and the end-of-epoch evaluation. The GPU is synchronised at the first and the last
-    step only, so the times are the GPU's and no step in between waits on the host."""
+    seconds per step after step `steady_from` (later than 1 when a profiler slows the steps before it), and the
+    end-of-epoch evaluation. The GPU is synchronised at those two steps and the last only, so the times are the
+    GPU's and no step in between waits on the host."""
 
-    def __init__(self) -> None:
+    def __init__(self, steady_from: int = 1) -> None:
         from transformers import TrainerCallback
 
         owner = self
-        self.started, self.step_ends, self.eval_s = 0.0, [], 0.0
+        self.started, self.step_ends, self.eval_s, self.steady_from = 0.0, [], 0.0, steady_from
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
                 owner.started = time.perf_counter()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if torch.cuda.is_available() and (not owner.step_ends or state.global_step == state.max_steps):
+                timed_step = len(owner.step_ends) + 1 in (1, owner.steady_from) or state.global_step == state.max_steps
+                if torch.cuda.is_available() and timed_step:
                     torch.cuda.synchronize()
                 owner.step_ends.append(time.perf_counter())
 
@@ -45,15 +48,79 @@ class StepClock:
         self.callback = _Callback()
 
     def summary(self) -> dict[str, float]:
-        """Rounded seconds; steady step time is over the steps after the first (0 when there is only one)."""
-        ends = self.step_ends
+        """Rounded seconds; steady step time is over the steps after step `steady_from` (0 when there are none)."""
+        ends, skip = self.step_ends, self.steady_from
         first = ends[0] - self.started if ends else 0.0
-        steady = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0
+        steady = (ends[-1] - ends[skip - 1]) / (len(ends) - skip) if len(ends) > skip else 0.0
         return {
             "first_step_seconds": round(first, 2),
             "step_seconds": round(steady, 4),
             "eval_seconds": round(self.eval_s, 2),
         }
+
+
+PROFILE_ENV = "FINETUNE_PROFILE"
+
+
+class StepProfiler:
+    """Trainer callback, on when FINETUNE_PROFILE names a file: profiles optimizer steps 4-6 (after compilation and
+    warm-up) with torch.profiler and writes where their time went: operators by GPU time, and the GPU's busy time
+    against the wall time (a GPU busy for a small part of the step means the host's launching is the bottleneck)."""
+
+    first, count = 4, 3
+
+    def __init__(self, report: Path) -> None:
+        from transformers import TrainerCallback
+
+        owner, self.report, self.profiler, self.started = self, report, None, 0.0
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == owner.first - 1:
+                    owner.start()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if owner.profiler is not None and state.global_step == owner.first - 1 + owner.count:
+                    owner.stop()
+
+        self.callback = _Callback()
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        self.profiler = profile(activities=activities)
+        self.profiler.__enter__()
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        wall = (time.perf_counter() - self.started) / self.count
+        self.profiler.__exit__(None, None, None)
+        averages = self.profiler.key_averages()
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu = sum(e.self_device_time_total for e in kernels) / 1e6 / self.count
+        launches = sum(e.count for e in kernels) / self.count
+        tables = [("self_cpu_time_total", "host time")]
+        if torch.cuda.is_available():
+            tables.insert(0, ("self_cuda_time_total", "GPU time"))
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        self.report.write_text(
+            f"steps {self.first}-{self.first + self.count - 1}: wall {wall:.4f} s/step, GPU busy {gpu:.4f} s/step "
+            f"({gpu / wall:.0%}), {launches:.0f} kernels/step\n"
+            + "".join(
+                f"\nby {title}:\n" + averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
+                for key, title in tables
+            )
+        )
+        log.info("profile of steps %d-%d written to %s", self.first, self.first + self.count - 1, self.report)
+        self.profiler = None
+
+
+def step_profiler() -> StepProfiler | None:
+    report = os.environ.get(PROFILE_ENV)
+    return StepProfiler(Path(report)) if report else None
 
 
 def world_size() -> int:
@@ -83,12 +150,26 @@ def accumulation_steps(effective: int, micro: int, processes: int) -> int:
     return effective // per_step
 
 
-def fits(model: Any, micro: int, max_length: int) -> bool:
-    """One forward+backward at the longest shape; False when the GPU runs out of memory."""
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def probe_step(model: Any, micro: int, max_length: int, precision: str) -> None:
+    """One forward+backward on a batch shaped like the Trainer's (micro rows padded to max_length, so with an
+    attention mask) under the autocast the Trainer uses: a compiled model compiles here the graph training runs."""
     ids = torch.zeros((micro, max_length), dtype=torch.long, device=model.device)
-    model.train()  # the mode training runs in (dropout on), so a compiled model compiles the graph training uses
+    mask = torch.ones_like(ids)
+    mask[:, -1] = 0  # a padded position, as in (nearly) every batch: the attention mask is a tensor, not None
+    model.train()  # the mode training runs in (dropout on)
+    autocast = torch.autocast(model.device.type, dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST)
+    with autocast:
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+
+
+def fits(model: Any, micro: int, max_length: int, precision: str) -> bool:
+    """`probe_step` at the longest shape; False when the GPU runs out of memory."""
     try:
-        model(input_ids=ids, labels=ids).loss.backward()
+        probe_step(model, micro, max_length, precision)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -97,7 +178,9 @@ def fits(model: Any, micro: int, max_length: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def pick_micro_batch(model: Any, requested: int | str, effective: int, processes: int, max_length: int) -> int:
+def pick_micro_batch(
+    model: Any, requested: int | str, effective: int, processes: int, max_length: int, precision: str
+) -> int:
     """`auto`: the largest divisor of the per-process batch that fits the GPU (all of it on CPU)."""
     if requested != "auto":
         return int(requested)
@@ -105,7 +188,7 @@ def pick_micro_batch(model: Any, requested: int | str, effective: int, processes
     if not torch.cuda.is_available():
         return per_process
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
-        if fits(model, micro, max_length):
+        if fits(model, micro, max_length, precision):
             log.info("micro_batch_size auto -> %d", micro)
             return micro
     raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")
@@ -115,12 +198,16 @@ def compile_layers(model: Any) -> int:
     """Compile each transformer block in place (regional compilation): the blocks share one compiled graph, so
     compile time is that of one block, and the Trainer still sees the plain (quantized) model it accepts. The
     compiled code is cached on disk (torch's inductor cache), so a rerun on the same machine compiles in seconds.
+    4-bit layers are rewritten in torch operations first (stages/common/fourbit.py), so they compile too.
     Pays with fixed shapes (`tokenize.padding: max_length`); rows padded per batch make it recompile for shapes."""
     blocks = max(
         (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
         key=len,
         default=[],
     )
+    inlined = inline_4bit_layers(model)
+    if inlined:
+        log.info("%d 4-bit layers dequantised in torch operations, inside the compiled graphs", inlined)
     for block in blocks:
         block.compile()
     # Frozen embeddings give the first block an input that does not require grad, every later block one that does:
