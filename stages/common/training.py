@@ -64,8 +64,9 @@ PROFILE_ENV = "FINETUNE_PROFILE"
 
 class StepProfiler:
     """Trainer callback, on when FINETUNE_PROFILE names a file: profiles optimizer steps 4-6 (after compilation and
-    warm-up) with torch.profiler and writes where their time went: operators by GPU time, and the GPU's busy time
-    against the wall time (a GPU busy for a small part of the step means the host's launching is the bottleneck)."""
+    warm-up) with torch.profiler and writes where their time went: operators by GPU and by host time, and the GPU's
+    busy time against the wall time (a GPU busy for a small part of the step means the host's launching is the
+    bottleneck)."""
 
     first, count = 4, 3
 
@@ -89,13 +90,15 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.profiler = profile(activities=activities)
         self.profiler.__enter__()
         self.started = time.perf_counter()
 
     def stop(self) -> None:
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         wall = (time.perf_counter() - self.started) / self.count
         self.profiler.__exit__(None, None, None)
         averages = self.profiler.key_averages()
