@@ -23,7 +23,7 @@ from tqdm import tqdm
 from stages.common.errors import run_stage
 from stages.common.io import write_json
 from stages.common.loss import next_token_losses
-from stages.common.models import load_finetuned
+from stages.common.models import autocast, load_finetuned
 from stages.common.params import load_params
 from stages.common.paths import ADAPTER_DIR, PERPLEXITY_METRICS
 from stages.common.tokenized import load_meta, load_split, pad_batch
@@ -75,11 +75,9 @@ def perplexities(
     }
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """Evaluate in the precision the adapter was trained in."""
-    if precision == "fp32" or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+def evaluation_precision(precision: str) -> contextlib.AbstractContextManager:
+    """Evaluate in the precision the adapter was trained in (on a GPU; CPU evaluation stays in float32)."""
+    return autocast(precision, "cuda") if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def main() -> None:
@@ -88,7 +86,7 @@ def main() -> None:
     rows = load_split("eval")
     model = load_finetuned(params.model, ADAPTER_DIR)
     batch_size = params.eval.ppl.batch_size
-    with autocast(params.train.precision):
+    with evaluation_precision(params.train.precision):
         finetuned = perplexities(model, rows, meta.pad_token_id, meta.max_length, batch_size, "perplexity fine-tuned")
         with model.disable_adapter():
             base = perplexities(model, rows, meta.pad_token_id, meta.max_length, batch_size, "perplexity base")

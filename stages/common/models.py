@@ -23,6 +23,12 @@ log = logging.getLogger("pipeline")
 
 PACKAGE_PREFIX = "pkg:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype; fp32: none
+
+
+def autocast(precision: str, device_type: str) -> torch.autocast:
+    """The autocast that `train.precision` trains under (the Trainer's): off for fp32."""
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from stages.common.fourbit import inline_4bit_layers
+from stages.common.models import autocast
 from stages.common.params import Params
 
 log = logging.getLogger("pipeline")
@@ -153,9 +154,6 @@ def accumulation_steps(effective: int, micro: int, processes: int) -> int:
     return effective // per_step
 
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def probe_step(model: Any, micro: int, max_length: int, precision: str) -> None:
     """One forward+backward on a batch shaped like the Trainer's (micro rows padded to max_length, so with an
     attention mask) under the autocast the Trainer uses: a compiled model compiles here the graph training runs."""
@@ -163,8 +161,7 @@ def probe_step(model: Any, micro: int, max_length: int, precision: str) -> None:
     mask = torch.ones_like(ids)
     mask[:, -1] = 0  # a padded position, as in (nearly) every batch: the attention mask is a tensor, not None
     model.train()  # the mode training runs in (dropout on)
-    autocast = torch.autocast(model.device.type, dtype=AUTOCAST.get(precision), enabled=precision in AUTOCAST)
-    with autocast:
+    with autocast(precision, model.device.type):
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     loss.backward()
 
