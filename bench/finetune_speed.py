@@ -18,6 +18,7 @@ params from profiles/seed.yaml plus the variant's overrides.
   GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); the 16 GiB budget;
   (c) `quantization: none`; the quality check (the seed profile at (a)'s step count). Stage logs go to OUT.
 - scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP): the scaling of issue #7.
+- graphs: (a); (b) whole epoch; the same with `train.cuda_graphs: true`; that at micro-batch 8 x accumulation 2.
 - levers: (a); the seed profile eager (compile off, rows padded per batch), then compiled on a cold and on a warm
   compile cache; then from the seed-exact settings through the stage, one lever after another switched on.
 - compiled: (a); eager; compiled on fixed shapes, cold and warm; the same unquantized. With --profile, each row
@@ -248,6 +249,7 @@ class Pipeline:
         self.stage_log = stage_log  # where the rest-of-pipeline stages' output goes (their progress bars time them)
         self.skip: set[str] = set()  # headline rows left out (--skip)
         self.tokenized_with: str | None = None
+        self.data_stages: dict[str, dict[str, float]] = {}  # times of the last prepare_subset and tokenize run
         self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
         self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
         raw = root / "data/raw/bench.jsonl"
@@ -287,14 +289,15 @@ class Pipeline:
     ) -> tuple[float, str]:
         params = self.params(overrides)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        code = "import runpy, torch\n"
-        if memory_gib:
-            code += (
+        command = [sys.executable, "-m", f"stages.{stage}"]  # as dvc.yaml runs it
+        if memory_gib:  # the cap needs torch imported before the stage; only capped rows pay that import here
+            code = (
+                "import runpy, torch\n"
                 f"torch.cuda.set_per_process_memory_fraction({memory_gib} * 2**30 / "
                 "torch.cuda.get_device_properties(0).total_memory)\n"
+                f"runpy.run_module('stages.{stage}', run_name='__main__')\n"
             )
-        code += f"runpy.run_module('stages.{stage}', run_name='__main__')\n"
-        command = [sys.executable, "-c", code]
+            command = [sys.executable, "-c", code]
         processes = params["train"]["processes"]
         if stage == "finetune" and processes > 1:  # as dvc.yaml launches it
             cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
@@ -333,8 +336,7 @@ class Pipeline:
     def finetune(self, label: str, overrides: dict[str, Any], memory_gib: float | None = None) -> dict:
         tokenize_key = json.dumps({k: v for k, v in overrides.items() if k.split(".")[0] in ("data", "tokenize")})
         if tokenize_key != self.tokenized_with:  # prepare and tokenize only when their params change
-            self.run("prepare_subset", overrides)
-            self.run("tokenize", overrides)
+            self.data_stages = {stage: self.stage_times(stage, overrides) for stage in ("prepare_subset", "tokenize")}
             self.tokenized_with = tokenize_key
         shutil.rmtree(self.root / "models/checkpoints", ignore_errors=True)  # time training, not resuming
         trace = self.traces / f"{re.sub(r'[^a-z0-9]+', '_', label.lower()).strip('_')}.txt" if self.traces else None
@@ -343,11 +345,12 @@ class Pipeline:
         metrics = json.loads((self.root / "metrics/train.json").read_text())
         steps, rows_per_step = metrics["steps"], self.params(overrides)["train"]["effective_batch_size"]
         whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)
-        warm_up = metrics["probe_seconds"] + metrics["first_step_seconds"]  # compilation happens in the probe
+        # compilation happens in the probe, CUDA graphs are recorded in the first steps
+        warm_up = metrics["probe_seconds"] + metrics["warm_up_seconds"]
         epoch_s = metrics["probe_seconds"] + metrics["train_seconds"]
         if not whole_epoch:
             steady = metrics["step_seconds"] or metrics["train_seconds"] / steps
-            later_steps = math.ceil(self.epoch_rows / rows_per_step) - 1
+            later_steps = math.ceil(self.epoch_rows / rows_per_step) - metrics["warm_up_steps"]
             epoch_s = warm_up + steady * later_steps + metrics["eval_seconds"]
         return {
             "variant": label,
@@ -406,9 +409,11 @@ def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
     unquantized. Each row starts on an empty compile cache: what a first run on a fresh machine pays."""
     pipe.clear_compile_cache()
     full = pipe.finetune("(b) seed profile, 1 GPU", {})
-    full["pipeline_stages"] = {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}} | {
-        stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")
-    }
+    full["pipeline_stages"] = (
+        pipe.data_stages
+        | {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}}
+        | {stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")}
+    )
     add(full)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
     if gpus > 1:
@@ -416,7 +421,7 @@ def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
         add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
     if "16gib" not in pipe.skip:
         cap = None if pipe.smoke else 16
-        add(pipe.finetune("(b) seed profile, 16 GiB cap", pipe.steps(lever_steps), memory_gib=cap))
+        add(pipe.finetune("(b) seed profile, 16 GiB cap", {}, memory_gib=cap))
     if "none" not in pipe.skip:
         pipe.clear_compile_cache()
         unquantized = {"model.quantization": "none"}
@@ -491,7 +496,26 @@ def compiled(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
     optional(add, lambda: pipe.finetune("(c) none, compiled, fixed shapes, cold", unquantized))
 
 
-PARTS = {"headline": headline, "scaling": scaling, "levers": levers, "quant": quant, "compiled": compiled}
+def graphs(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
+    """The seed profile as configured, then with its compiled blocks replayed as CUDA graphs (whole epochs, each on a
+    cold compile cache); the graphs at micro-batch 8 x accumulation 2 (short), where gradients must accumulate."""
+    graphed = {"train.cuda_graphs": True}
+    pipe.clear_compile_cache()
+    add(pipe.finetune("(b) seed profile, 1 GPU", {}))
+    pipe.clear_compile_cache()
+    optional(add, lambda: pipe.finetune("(b) + CUDA graphs", graphed))
+    accumulated = pipe.steps(lever_steps) | graphed | {"train.micro_batch_size": 8}
+    optional(add, lambda: pipe.finetune("(b) + CUDA graphs, micro-batch 8 x accumulation 2", accumulated))
+
+
+PARTS = {
+    "headline": headline,
+    "scaling": scaling,
+    "levers": levers,
+    "quant": quant,
+    "compiled": compiled,
+    "graphs": graphs,
+}
 
 
 def table(seed: dict, rows: list[dict]) -> str:
@@ -509,6 +533,14 @@ def table(seed: dict, rows: list[dict]) -> str:
             f"{epoch_s:>8} {row['tokens_per_s']:>7.0f} {mfu:>6.1%} {row['peak_gib']:>8.2f} {loss:>9} "
             f"{seed['epoch_s'] / row['epoch_s']:>6.1f}x"
         )
+    for row in rows:
+        if "pipeline_stages" in row:
+            stages = row["pipeline_stages"]
+            wall, load = (sum(t[key] for t in stages.values()) for key in ("wall_s", "load_s"))
+            each = ", ".join(f"{name} {t['wall_s']:.1f}" for name, t in stages.items())
+            lines.append(
+                f"pipeline (s, start to exit): {each}; {wall:.1f} in all, {wall - load:.1f} without model loading"
+            )
     return "\n".join(lines)
 
 

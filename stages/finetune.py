@@ -171,7 +171,12 @@ def main() -> None:
     tokenizer = load_tokenizer(params.model)
     model = attach_lora(load_base_model(params.model), params)
     if params.train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
-        log.info("torch.compile: %d transformer blocks compiled in place", compile_layers(model))
+        blocks = compile_layers(model, cuda_graphs=params.train.cuda_graphs)
+        log.info(
+            "torch.compile: %d transformer blocks compiled in place%s",
+            blocks,
+            ", replayed as CUDA graphs" if params.train.cuda_graphs else "",
+        )
     probe_started = time.perf_counter()
     train = params.train
     micro = pick_micro_batch(
@@ -191,7 +196,10 @@ def main() -> None:
         steps,
     )
     profiler = step_profiler()
-    clock = StepClock(steady_from=profiler.first + profiler.count if profiler else 1)
+    # CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
+    clock = StepClock(
+        steady_from=max(profiler.first + profiler.count if profiler else 1, 2 if train.cuda_graphs else 1)
+    )
     trainer = TokenWeightedTrainer(
         model=model,
         args=args,

@@ -67,6 +67,7 @@ def test_seed_profiles_differ_only_in_how_they_run():
         "train.precision",
         "train.gradient_checkpointing",
         "train.compile",
+        "train.cuda_graphs",
         "eval.ppl",  # batch size: how many rows one forward pass scores, not what is scored
     }
 
@@ -88,6 +89,7 @@ def test_default_keeps_seed_hyperparameters():
         ("train.learning_rate", 0, "train.learning_rate must be > 0"),
         ("model.quantization", "int3", "model.quantization must be one of 'none', 'nf4', 'fp4'"),
         ("train.micro_batch_size", 5, "train.effective_batch_size (16) must be a multiple of train.micro_batch_size"),
+        ("train.cuda_graphs", True, "train.cuda_graphs needs train.compile: true"),
         ("data.eval_size", KeyError, "data.eval_size is missing"),
         ("lora.dropout", 1.5, "lora.dropout must be in [0, 1)"),
         ("train.epochs", True, "train.epochs must be float"),

@@ -75,7 +75,7 @@ def test_the_micro_batch_probe_compiles_the_graph_training_runs(tiny_model_dir, 
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     counter, compile_as_is = CompileCounter(), torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_as_is(self, backend=counter))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **_: compile_as_is(self, backend=counter))
     torch._dynamo.reset()
     compile_layers(model)
     assert fits(model, 2, 16, "bf16")
@@ -120,18 +120,26 @@ def test_step_clock_splits_warm_up_steady_steps_and_evaluation(monkeypatch):
     for state.global_step in range(1, 5):
         clock.callback.on_step_end(None, state, None)
     clock.callback.on_evaluate(None, None, None)
-    assert clock.summary() == {"first_step_seconds": 10.0, "step_seconds": 1.0, "eval_seconds": 5.0}
+    assert clock.summary() == {
+        "first_step_seconds": 10.0,
+        "warm_up_steps": 1,
+        "warm_up_seconds": 10.0,
+        "step_seconds": 1.0,
+        "eval_seconds": 5.0,
+    }
 
 
-def test_step_clock_measures_steady_steps_after_the_profiled_ones(monkeypatch):
-    # steps 2 and 3 are slow (profiled): steady time is over steps 4 and 5 only
+def test_step_clock_measures_steady_steps_after_the_slow_ones(monkeypatch):
+    # steps 2 and 3 are slow (profiled, or CUDA graphs recorded): steady time is over steps 4 and 5 only
     times = iter([0.0, 10.0, 15.0, 20.0, 21.0, 22.0])
     monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
     clock, state = StepClock(steady_from=3), TrainerState(max_steps=5)
     clock.callback.on_train_begin(None, None, None)
     for state.global_step in range(1, 6):
         clock.callback.on_step_end(None, state, None)
-    assert clock.summary()["step_seconds"] == 1.0
+    summary = clock.summary()
+    assert summary["step_seconds"] == 1.0
+    assert (summary["warm_up_steps"], summary["warm_up_seconds"]) == (3, 20.0)
 
 
 def test_step_profiler_reports_the_profiled_steps_operators(tmp_path):
@@ -157,4 +165,10 @@ def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):
     clock, state = StepClock(), TrainerState(max_steps=1, global_step=1)
     clock.callback.on_train_begin(None, None, None)
     clock.callback.on_step_end(None, state, None)
-    assert clock.summary() == {"first_step_seconds": 2.0, "step_seconds": 0.0, "eval_seconds": 0.0}
+    assert clock.summary() == {
+        "first_step_seconds": 2.0,
+        "warm_up_steps": 1,
+        "warm_up_seconds": 2.0,
+        "step_seconds": 0.0,
+        "eval_seconds": 0.0,
+    }

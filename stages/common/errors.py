@@ -14,9 +14,17 @@ class PipelineError(Exception):
     """Bad input or a missing resource; the message names the file:line or the params key."""
 
 
+def _stamp_elapsed(record: logging.LogRecord) -> bool:
+    record.elapsed = f"{record.relativeCreated / 1000:.1f}s"  # since the logging module loaded: the stage's start
+    return True
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main(): log its duration, map bad input to `error: ...` (exit 2) and Ctrl-C to exit 130."""
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
+    # Seconds since the process started on every line: where a stage's time goes (imports included) is readable.
+    logging.basicConfig(level=logging.INFO, format=f"[{name} %(elapsed)s] %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_stamp_elapsed)
     started = time.perf_counter()
     try:
         main()

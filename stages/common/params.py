@@ -76,6 +76,7 @@ class TrainParams:
     gradient_checkpointing: bool
     group_by_length: bool
     compile: bool
+    cuda_graphs: bool
     processes: int = field(metadata=POSITIVE)
     logging_steps: int = field(metadata=POSITIVE)
     seed: int
@@ -202,6 +203,8 @@ def _cross_field_problems(params: Params) -> list[str]:
         problems.append(
             f"train.effective_batch_size ({effective}) must be a multiple of train.micro_batch_size ({micro})"
         )
+    if params.train.cuda_graphs and not params.train.compile:
+        problems.append("train.cuda_graphs needs train.compile: true (the graphs replay the compiled blocks)")
     if params.model.quantization != "none" and params.model.compute_dtype == "float32":
         problems.append("model.compute_dtype must be float16 or bfloat16 when model.quantization is nf4 or fp4")
     return problems

@@ -22,10 +22,10 @@ log = logging.getLogger("pipeline")
 
 
 class StepClock:
-    """Trainer callback timing a run's parts: the first optimizer step (warm-up and compilation), the steady
-    seconds per step after step `steady_from` (later than 1 when a profiler slows the steps before it), and the
-    end-of-epoch evaluation. The GPU is synchronised at those two steps and the last only, so the times are the
-    GPU's and no step in between waits on the host."""
+    """Trainer callback timing a run's parts: the first optimizer step (warm-up and compilation), the warm-up up to
+    step `steady_from` (later than 1 when CUDA graphs are recorded in step 2, or a profiler slows the steps before
+    it), the steady seconds per step after it, and the end-of-epoch evaluation. The GPU is synchronised at those two
+    steps and the last only, so the times are the GPU's and no step in between waits on the host."""
 
     def __init__(self, steady_from: int = 1) -> None:
         from transformers import TrainerCallback
@@ -52,9 +52,12 @@ class StepClock:
         """Rounded seconds; steady step time is over the steps after step `steady_from` (0 when there are none)."""
         ends, skip = self.step_ends, self.steady_from
         first = ends[0] - self.started if ends else 0.0
+        warm_up = ends[min(skip, len(ends)) - 1] - self.started if ends else 0.0
         steady = (ends[-1] - ends[skip - 1]) / (len(ends) - skip) if len(ends) > skip else 0.0
         return {
             "first_step_seconds": round(first, 2),
+            "warm_up_steps": min(skip, len(ends)),
+            "warm_up_seconds": round(warm_up, 2),
             "step_seconds": round(steady, 4),
             "eval_seconds": round(self.eval_s, 2),
         }
@@ -194,12 +197,14 @@ def pick_micro_batch(
     raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")
 
 
-def compile_layers(model: Any) -> int:
+def compile_layers(model: Any, cuda_graphs: bool = False) -> int:
     """Compile each transformer block in place (regional compilation): the blocks share one compiled graph, so
     compile time is that of one block, and the Trainer still sees the plain (quantized) model it accepts. The
     compiled code is cached on disk (torch's inductor cache), so a rerun on the same machine compiles in seconds.
     4-bit layers are rewritten in torch operations first (stages/common/fourbit.py), so they compile too.
-    Pays with fixed shapes (`tokenize.padding: max_length`); rows padded per batch make it recompile for shapes."""
+    Pays with fixed shapes (`tokenize.padding: max_length`); rows padded per batch make it recompile for shapes.
+    `cuda_graphs`: each block's forward and backward are replayed as CUDA graphs (torch.compile's reduce-overhead
+    mode), one launch instead of ~60 kernels per block: the step stops waiting on the host (GPU only)."""
     blocks = max(
         (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
         key=len,
@@ -209,7 +214,14 @@ def compile_layers(model: Any) -> int:
     if inlined:
         log.info("%d 4-bit layers dequantised in torch operations, inside the compiled graphs", inlined)
     for block in blocks:
-        block.compile()
+        block.compile(mode="reduce-overhead" if cuda_graphs else None)
+    if cuda_graphs:
+        for param in model.parameters():
+            if param.requires_grad:
+                # A gradient computed inside a graph lives in that graph's memory, which its next replay rewrites.
+                # Accumulated as is (the first micro-batch's gradient becomes .grad), it would be overwritten by
+                # the next micro-batch (pytorch/pytorch#96693): hand the accumulator a copy.
+                param.register_hook(torch.clone)
     # Frozen embeddings give the first block an input that does not require grad, every later block one that does:
     # two graphs. Marking the embeddings' output (when grad is on; evaluation stays one graph too) makes it one.
     model.get_input_embeddings().register_forward_hook(_require_grad_when_training)
