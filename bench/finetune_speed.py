@@ -32,8 +32,9 @@ the stage. Whole-epoch rows report the stage's probe + training wall time. `--se
 profile for every pipeline row (e.g. `--set train.compile=false`).
 
 (a) runs `--seed-steps` optimizer steps; its epoch time is estimated as first step + steady step time x
-(steps in an epoch - 1) + its per-epoch evaluation, each measured. Response-only eval loss (prompt and padding
-ignored, token-weighted) is computed by the same function for every variant, after the same number of steps.
+(steps in an epoch - 1) + its per-epoch evaluation, each measured. Eval loss is response-only (prompt and padding
+ignored, token-weighted) in every row, after that row's steps: the quality row stops at (a)'s step count and is also
+scored by evaluate_ppl, the function (a) is scored with. Train loss is the last logged one ((a): its mean).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    train_loss = trainer.train().training_loss  # mean over its steps, all tokens (the seed's labels): too few to log
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     sync()
     started = time.perf_counter()
@@ -221,6 +222,7 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
         "load_s": load_s,
         "tokens_per_s": real_tokens / epoch_s,
         "peak_gib": peak,
+        "train_loss": train_loss,
         "eval_loss": loss,
     }
 
@@ -343,7 +345,8 @@ class Pipeline:
         stage_s, output = self.run("finetune", overrides, memory_gib, trace)
         self.keep_log(f"finetune, {label}", stage_s, output)
         metrics = json.loads((self.root / "metrics/train.json").read_text())
-        steps, rows_per_step = metrics["steps"], self.params(overrides)["train"]["effective_batch_size"]
+        params = self.params(overrides)
+        steps, rows_per_step = metrics["steps"], params["train"]["effective_batch_size"]
         whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)
         # compilation happens in the probe, CUDA graphs are recorded in the first steps
         warm_up = metrics["probe_seconds"] + metrics["warm_up_seconds"]
@@ -357,6 +360,9 @@ class Pipeline:
             "steps": steps,
             "processes": metrics["processes"],
             "eval_loss_trainer": metrics["eval_loss"],
+            # with loss_mask completion the stage's eval loss is token-weighted over answer tokens only: the
+            # response-only loss (a) is scored with, after this row's steps
+            "eval_loss": metrics["eval_loss"] if params["tokenize"]["loss_mask"] == "completion" else None,
             "epoch_s": epoch_s,
             "epoch_s_is_estimate": not whole_epoch,
             "train_s": metrics["train_seconds"],
@@ -522,15 +528,16 @@ def table(seed: dict, rows: list[dict]) -> str:
     """One line per variant; `~` marks an epoch estimated from a short run (see the module docstring)."""
     lines = [
         f"{'variant':52} {'steps':>5} {'warm-up':>7} {'s/step':>7} {'epoch s':>8} {'tok/s':>7} {'MFU':>6} "
-        f"{'peak GiB':>8} {'eval loss':>9} {'speedup':>7}"
+        f"{'peak GiB':>8} {'train loss':>10} {'eval loss':>9} {'speedup':>7}"
     ]
     for row in [seed, *rows]:
         mfu = row["tokens_per_s"] * LORA_FLOP_PER_TOKEN / BF16_PEAK
         loss = f"{row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "-"
+        train_loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
         epoch_s = f"{'~' if row['epoch_s_is_estimate'] else ' '}{row['epoch_s']:.1f}"
         lines.append(
             f"{row['variant'][:52]:52} {row['steps']:>5} {row['first_step_s']:>7.1f} {row['s_per_step']:>7.3f} "
-            f"{epoch_s:>8} {row['tokens_per_s']:>7.0f} {mfu:>6.1%} {row['peak_gib']:>8.2f} {loss:>9} "
+            f"{epoch_s:>8} {row['tokens_per_s']:>7.0f} {mfu:>6.1%} {row['peak_gib']:>8.2f} {train_loss:>10} {loss:>9} "
             f"{seed['epoch_s'] / row['epoch_s']:>6.1f}x"
         )
     for row in rows:
