@@ -163,36 +163,36 @@ def main() -> None:
     from stages.common.trainer import TokenWeightedTrainer
 
     params = load_params()
+    train = params.train
     check_device(params)
-    set_seed(params.train.seed)  # before LoRA is attached: its A matrices are drawn from this generator
+    set_seed(train.seed)  # before LoRA is attached: its A matrices are drawn from this generator
     use_all_cpu_cores()
     meta = load_meta()
     train_rows, eval_rows = load_split("train"), load_split("eval")
     tokenizer = load_tokenizer(params.model)
     model = attach_lora(load_base_model(params.model), params)
-    if params.train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
-        blocks = compile_layers(model, cuda_graphs=params.train.cuda_graphs)
+    if train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
+        blocks = compile_layers(model, cuda_graphs=train.cuda_graphs)
         log.info(
             "torch.compile: %d transformer blocks compiled in place%s",
             blocks,
-            ", replayed as CUDA graphs" if params.train.cuda_graphs else "",
+            ", replayed as CUDA graphs" if train.cuda_graphs else "",
         )
     probe_started = time.perf_counter()
-    train = params.train
     micro = pick_micro_batch(
         model, train.micro_batch_size, train.effective_batch_size, world_size(), meta.max_length, train.precision
     )
     probe_seconds = time.perf_counter() - probe_started
     args = training_arguments(params, micro)
     batches = math.ceil(len(train_rows) / (micro * world_size()))
-    steps = math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(params.train.epochs)
+    steps = math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(train.epochs)
     log.info(
         "%d rows, micro-batch %d x accumulation %d x %d process(es) = %d rows per optimizer step, %d steps",
         len(train_rows),
         micro,
         args.gradient_accumulation_steps,
         world_size(),
-        params.train.effective_batch_size,
+        train.effective_batch_size,
         steps,
     )
     profiler = step_profiler()
@@ -205,7 +205,7 @@ def main() -> None:
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=Collator(meta, batch_rows=micro if params.train.compile else None),
+        data_collator=Collator(meta, batch_rows=micro if train.compile else None),
         callbacks=[clock.callback] + ([profiler.callback] if profiler else []),
     )
     if torch.cuda.is_available():
