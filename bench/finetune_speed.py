@@ -17,7 +17,9 @@ params from profiles/seed.yaml plus the variant's overrides.
   evaluate_cosine, plot, package_zip) with each stage's time and its model-loading share; on a machine with several
   GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); the 16 GiB budget;
   (c) `quantization: none`; the quality check (the seed profile at (a)'s step count). Stage logs go to OUT.
-- scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP): the scaling of issue #7.
+- scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP), each on a cold compile cache, then both
+  again on a warm one: the scaling of issue #7; then short runs of the step alone (one GPU at one rank's share of
+  the rows, DDP, one GPU at all of them) that say where a second GPU's gain goes (`--skip epochs` / `steps`).
 - graphs: (a); (b) whole epoch; the same with `train.cuda_graphs: true`; that at micro-batch 8 x accumulation 2.
 - levers: (a); the seed profile eager (compile off, rows padded per batch), then compiled on a cold and on a warm
   compile cache; then from the seed-exact settings through the stage, one lever after another switched on.
@@ -258,9 +260,9 @@ class Pipeline:
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text("".join(json.dumps(r) + "\n" for r in bench_records(EPOCH_ROWS + EVAL_ROWS, seed=1)))
 
-    def steps(self, count: int) -> dict[str, Any]:
+    def steps(self, count: int, rows_per_step: int = 16) -> dict[str, Any]:
         """Fractional epochs that the Trainer turns into exactly `count` optimizer steps (it rounds up)."""
-        return {"train.epochs": (count - 0.5) / math.ceil(self.epoch_rows / 16)}
+        return {"train.epochs": (count - 0.5) / math.ceil(self.epoch_rows / rows_per_step)}
 
     def clear_compile_cache(self) -> None:
         shutil.rmtree(self.compile_cache, ignore_errors=True)
@@ -304,7 +306,8 @@ class Pipeline:
         if stage == "finetune" and processes > 1:  # as dvc.yaml launches it
             cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
             launcher = cmd.replace("${train.processes}", str(processes)).split()
-            command = [sys.executable, "-m", "accelerate.commands.launch", *launcher[2:]]
+            gloo = [] if torch.cuda.is_available() else ["--multi_gpu"]  # how accelerate starts several CPU processes
+            command = [sys.executable, "-m", "accelerate.commands.launch", *gloo, *launcher[2:]]
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -335,13 +338,17 @@ class Pipeline:
             with self.stage_log.open("a") as log:
                 log.write(f"===== {what}: {seconds:.1f} s\n{output}\n")
 
-    def finetune(self, label: str, overrides: dict[str, Any], memory_gib: float | None = None) -> dict:
+    def finetune(
+        self, label: str, overrides: dict[str, Any], memory_gib: float | None = None, profile: bool = True
+    ) -> dict:
+        """The stage's row; `profile`: profiled when --profile is on (whole-epoch scaling rows are not)."""
         tokenize_key = json.dumps({k: v for k, v in overrides.items() if k.split(".")[0] in ("data", "tokenize")})
         if tokenize_key != self.tokenized_with:  # prepare and tokenize only when their params change
             self.data_stages = {stage: self.stage_times(stage, overrides) for stage in ("prepare_subset", "tokenize")}
             self.tokenized_with = tokenize_key
         shutil.rmtree(self.root / "models/checkpoints", ignore_errors=True)  # time training, not resuming
-        trace = self.traces / f"{re.sub(r'[^a-z0-9]+', '_', label.lower()).strip('_')}.txt" if self.traces else None
+        name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        trace = self.traces / f"{name}.txt" if self.traces and profile else None
         stage_s, output = self.run("finetune", overrides, memory_gib, trace)
         self.keep_log(f"finetune, {label}", stage_s, output)
         metrics = json.loads((self.root / "metrics/train.json").read_text())
@@ -445,12 +452,39 @@ def quality(pipe: Pipeline, seed_steps: int) -> dict:
 
 
 def scaling(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
-    """The seed profile for a whole epoch on one GPU, then on all of them (DDP), each on a cold compile cache."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    pipe.clear_compile_cache()
-    add(pipe.finetune("(b) seed profile, 1 GPU", {}))
-    pipe.clear_compile_cache()
-    add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
+    """The seed profile for a whole epoch on one GPU, then on all of them (DDP), each on a cold compile cache (a
+    first run on a fresh machine); then both again on their own warm cache (every later run on that machine);
+    --skip epochs leaves these out. Then (unless --skip steps) short runs of the step alone: one GPU at one DDP
+    rank's share of the rows, DDP on all GPUs (if there are several), one GPU at all 16 rows. The first against the
+    last says how the step's time depends on its rows (the most a second GPU can save); the first against the
+    second, what DDP itself costs. With --profile only these short rows are profiled, so the whole-epoch timings
+    stay clean."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 2  # CPU: two gloo processes
+    gpus = max(visible, 2)  # the share rows run on a single GPU too
+    caches = {count: pipe.root.parent / f"inductor-cache-{count}" for count in (1, gpus)}
+    for state in ("cold", "warm") if "epochs" not in pipe.skip else ():
+        for count in (1, gpus):
+            pipe.compile_cache = caches[count]
+            if state == "cold":
+                pipe.clear_compile_cache()
+            label = "1 GPU" if count == 1 else f"{count} GPUs (DDP)"
+            row = pipe.finetune(f"(b) seed profile, {label}, {state} cache", {"train.processes": count}, profile=False)
+            add(row)
+    if "steps" in pipe.skip:
+        return
+    share = 16 // gpus
+    pipe.compile_cache = caches[gpus]  # each cache holds its micro-batch's graphs after the rows above
+    add(pipe.finetune(f"1 GPU, {share} rows per step (a DDP rank's share)", short_run(pipe, lever_steps, share)))
+    if visible > 1:
+        ddp = short_run(pipe, lever_steps, 16) | {"train.processes": gpus}
+        add(pipe.finetune(f"{gpus} GPUs (DDP), 16 rows per step", ddp))
+    pipe.compile_cache = caches[1]
+    add(pipe.finetune("1 GPU, 16 rows per step", short_run(pipe, lever_steps, 16)))
+
+
+def short_run(pipe: Pipeline, steps: int, rows: int) -> dict[str, Any]:
+    """`steps` optimizer steps of `rows` rows each, all in one micro-batch per process."""
+    return pipe.steps(steps, rows) | {"train.effective_batch_size": rows, "train.micro_batch_size": "auto"}
 
 
 def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
@@ -572,7 +606,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file name, e.g. the device")
     parser.add_argument("--build-only", action="store_true", help="build the random model and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
-    parser.add_argument("--skip", default="", help="headline rows to leave out: 16gib,none,quality")
+    parser.add_argument(
+        "--skip", default="", help="rows to leave out: 16gib,none,quality (headline); epochs,steps (scaling)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile steps of each pipeline row (tables under OUT/profiles/)"
     )
@@ -646,9 +682,13 @@ def write_report(path: Path, device: str, seed: dict, results: list[dict], profi
         report |= {
             "gpus": scaled[0]["processes"],
             "scaling": main_row["epoch_s"] / scaled[0]["epoch_s"],
+            "steady_step_scaling": main_row["s_per_step"] / scaled[0]["s_per_step"],
             "eval_loss_1_gpu": main_row["eval_loss_trainer"],
             "eval_loss_n_gpus": scaled[0]["eval_loss_trainer"],
         }
+        warm = [r for r in whole if "warm cache" in r["variant"]]
+        if len(warm) == 2:  # the scaling part's second pair: 1 GPU and N GPUs, each on its own warm compile cache
+            report["scaling_warm_cache"] = warm[0]["epoch_s"] / warm[1]["epoch_s"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 

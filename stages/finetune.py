@@ -29,6 +29,7 @@ from stages.common.training import (
     accumulation_steps,
     checkpoint_to_resume,
     compile_layers,
+    copy_graphed_gradients,
     fingerprint,
     is_main_process,
     mark_complete,
@@ -114,6 +115,10 @@ def training_arguments(params: Params, micro: int) -> Any:
         report_to="none",
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        # Every LoRA weight takes part in every forward. Left unset, the Trainer (which does not recognise a peft
+        # model as a transformers one) asks DDP to search the autograd graph for unused weights after each forward.
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,  # the only buffers (rotary tables) are constants: no broadcast per forward
     )
     if world_size() == 1:
         # One process trains on one GPU. Left alone, the Trainer wraps the model in DataParallel over every visible
@@ -184,6 +189,8 @@ def main() -> None:
     )
     probe_seconds = time.perf_counter() - probe_started
     args = training_arguments(params, micro)
+    if train.cuda_graphs and args.gradient_accumulation_steps > 1:
+        copy_graphed_gradients(model)
     batches = math.ceil(len(train_rows) / (micro * world_size()))
     steps = math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(train.epochs)
     log.info(

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from stages.common.training import compile_layers
+from stages.common.training import compile_layers, copy_graphed_gradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -34,13 +34,17 @@ def accumulated_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_graphed_blocks_accumulate_the_gradients_eager_blocks_do():
+@pytest.mark.parametrize("micro_batches", [3, 1])
+def test_graphed_blocks_give_the_gradients_eager_blocks_do(micro_batches):
+    """With accumulation the gradients are copied (copy_graphed_gradients); without, they are read in place."""
     eager = lora_model()
     graphed = copy.deepcopy(eager)
     compile_layers(graphed, cuda_graphs=True)
+    if micro_batches > 1:
+        copy_graphed_gradients(graphed)
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):  # optimizer steps: warm-up, recording, then replays
-        batches = [torch.randint(0, 128, (2, 16), generator=generator).cuda() for _ in range(3)]
+        batches = [torch.randint(0, 128, (2, 16), generator=generator).cuda() for _ in range(micro_batches)]
         want, got = accumulated_gradients(eager, batches), accumulated_gradients(graphed, batches)
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-5, msg=name)

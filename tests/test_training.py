@@ -1,4 +1,5 @@
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -142,21 +143,46 @@ def test_step_clock_measures_steady_steps_after_the_slow_ones(monkeypatch):
     assert (summary["warm_up_steps"], summary["warm_up_seconds"]) == (3, 20.0)
 
 
-def test_step_profiler_reports_the_profiled_steps_operators(tmp_path):
-    report = tmp_path / "profile.txt"
-    profiler, state = StepProfiler(report), TrainerState(max_steps=8)
-    for step in range(8):
+def run_profiled_steps(profiler: StepProfiler, steps: int, extra_work: dict[int, Any]) -> TrainerState:
+    """`steps` Trainer steps of a small matmul, plus `extra_work[step]()` in the steps named there."""
+    state = TrainerState(max_steps=steps)
+    for step in range(steps):
         profiler.callback.on_step_begin(None, state, None)
         torch.randn(64, 64) @ torch.randn(64, 64)
-        if step == 4:
-            torch.linalg.qr(torch.randn(32, 32))  # only in a profiled step
-        if step == 7:
-            torch.linalg.svd(torch.randn(32, 32))  # after the profiled steps
+        extra_work.get(step, lambda: None)()
         state.global_step = step + 1
         profiler.callback.on_step_end(None, state, None)
+    return state
+
+
+def test_step_profiler_reports_the_profiled_steps_operators(tmp_path):
+    report = tmp_path / "profile.txt"
+    in_profiled_step = lambda: torch.linalg.qr(torch.randn(32, 32))  # noqa: E731
+    after_profiled_steps = lambda: torch.linalg.svd(torch.randn(32, 32))  # noqa: E731
+    run_profiled_steps(StepProfiler(report), 8, {4: in_profiled_step, 7: after_profiled_steps})
     text = report.read_text()
     assert text.startswith("steps 4-6: wall ")
     assert "aten::mm" in text and "aten::linalg_qr" in text and "aten::linalg_svd" not in text
+
+
+def test_step_profiler_of_a_run_that_ends_inside_the_profiled_steps_reports_them(tmp_path):
+    # left running at exit, the profiler crashed the process (SIGSEGV) after training had written its outputs
+    report = tmp_path / "profile.txt"
+    profiler = StepProfiler(report)
+    state = run_profiled_steps(profiler, 4, {})
+    profiler.callback.on_train_end(None, state, None)
+    assert profiler.profiler is None
+    assert report.read_text().startswith("steps 4-4: wall ")
+
+
+def test_each_process_profiles_to_its_own_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(training.PROFILE_ENV, str(tmp_path / "ddp.txt"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert training.step_profiler().report == tmp_path / "ddp.rank1.txt"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert training.step_profiler().report == tmp_path / "ddp.txt"
 
 
 def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):

@@ -86,7 +86,11 @@ class StepProfiler:
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 if owner.profiler is not None and state.global_step == owner.first - 1 + owner.count:
-                    owner.stop()
+                    owner.stop(owner.count)
+
+            def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if owner.profiler is not None:  # a run that ended inside the profiled steps: report those it had
+                    owner.stop(max(state.global_step - owner.first + 1, 1))
 
         self.callback = _Callback()
 
@@ -100,34 +104,40 @@ class StepProfiler:
         self.profiler.__enter__()
         self.started = time.perf_counter()
 
-    def stop(self) -> None:
+    def stop(self, steps: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        wall = (time.perf_counter() - self.started) / self.count
+        wall = (time.perf_counter() - self.started) / steps
         self.profiler.__exit__(None, None, None)
         averages = self.profiler.key_averages()
         kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu = sum(e.self_device_time_total for e in kernels) / 1e6 / self.count
-        launches = sum(e.count for e in kernels) / self.count
+        gpu = sum(e.self_device_time_total for e in kernels) / 1e6 / steps
+        launches = sum(e.count for e in kernels) / steps
         tables = [("self_cpu_time_total", "host time")]
         if torch.cuda.is_available():
             tables.insert(0, ("self_cuda_time_total", "GPU time"))
         self.report.parent.mkdir(parents=True, exist_ok=True)
         self.report.write_text(
-            f"steps {self.first}-{self.first + self.count - 1}: wall {wall:.4f} s/step, GPU busy {gpu:.4f} s/step "
+            f"steps {self.first}-{self.first + steps - 1}: wall {wall:.4f} s/step, GPU busy {gpu:.4f} s/step "
             f"({gpu / wall:.0%}), {launches:.0f} kernels/step\n"
             + "".join(
                 f"\nby {title}:\n" + averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
                 for key, title in tables
             )
         )
-        log.info("profile of steps %d-%d written to %s", self.first, self.first + self.count - 1, self.report)
+        log.info("profile of steps %d-%d written to %s", self.first, self.first + steps - 1, self.report)
         self.profiler = None
 
 
 def step_profiler() -> StepProfiler | None:
+    """A profiler when FINETUNE_PROFILE is set; under several processes each rank writes its own `*.rank<N>` file."""
     report = os.environ.get(PROFILE_ENV)
-    return StepProfiler(Path(report)) if report else None
+    if not report:
+        return None
+    path = Path(report)
+    if world_size() > 1:
+        path = path.with_name(f"{path.stem}.rank{os.environ.get('RANK', '0')}{path.suffix}")
+    return StepProfiler(path)
 
 
 def world_size() -> int:
@@ -215,17 +225,21 @@ def compile_layers(model: Any, cuda_graphs: bool = False) -> int:
         log.info("%d 4-bit layers dequantised in torch operations, inside the compiled graphs", inlined)
     for block in blocks:
         block.compile(mode="reduce-overhead" if cuda_graphs else None)
-    if cuda_graphs:
-        for param in model.parameters():
-            if param.requires_grad:
-                # A gradient computed inside a graph lives in that graph's memory, which its next replay rewrites.
-                # Accumulated as is (the first micro-batch's gradient becomes .grad), it would be overwritten by
-                # the next micro-batch (pytorch/pytorch#96693): hand the accumulator a copy.
-                param.register_hook(torch.clone)
     # Frozen embeddings give the first block an input that does not require grad, every later block one that does:
     # two graphs. Marking the embeddings' output (when grad is on; evaluation stays one graph too) makes it one.
     model.get_input_embeddings().register_forward_hook(_require_grad_when_training)
     return len(blocks)
+
+
+def copy_graphed_gradients(model: Any) -> None:
+    """For CUDA-graphed blocks under gradient accumulation. A gradient computed inside a graph lives in that graph's
+    memory, which its next replay rewrites: accumulated as is (the first micro-batch's gradient becomes .grad), it
+    would be overwritten by the next micro-batch (pytorch/pytorch#96693), so the accumulator gets a copy. Without
+    accumulation the optimizer reads .grad before the next replay and nothing needs copying: the copies cost ~10 ms
+    of host time per step (one per LoRA weight, 256 on Phi-2)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_hook(torch.clone)
 
 
 def _require_grad_when_training(module: Any, inputs: Any, output: torch.Tensor) -> None:
