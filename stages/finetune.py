@@ -138,7 +138,7 @@ def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
 
 
 def training_metrics(
-    trainer: Any, result: Any, rows: list[dict], seconds: float, micro: int, model: Any
+    trainer: Any, run_loss: float, rows: list[dict], seconds: float, micro: int, model: Any
 ) -> dict[str, Any]:
     history = trainer.state.log_history
     train_losses = [e["loss"] for e in history if "loss" in e]
@@ -147,7 +147,7 @@ def training_metrics(
     trainable, total = model.get_nb_trainable_parameters()
     return {
         # the last logged loss; a run shorter than logging_steps logs none, so its mean loss stands in
-        "train_loss": train_losses[-1] if train_losses else result.training_loss,
+        "train_loss": train_losses[-1] if train_losses else run_loss,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.args.num_train_epochs,
@@ -223,9 +223,10 @@ def main() -> None:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    run_loss = trainer.mean_over_processes(result.training_loss)
     if not is_main_process():
         return
-    metrics = training_metrics(trainer, result, train_rows, seconds, micro, model)
+    metrics = training_metrics(trainer, run_loss, train_rows, seconds, micro, model)
     metrics |= clock.summary() | {"probe_seconds": round(probe_seconds, 2)}  # the probe also pays compilation
     metrics["resumed_from_step"] = int(resume.rpartition("-")[2]) if resume else 0
     log.info(

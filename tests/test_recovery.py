@@ -98,3 +98,15 @@ def test_two_processes_write_once_and_agree_with_one(project, reference):
     # updates by ~10% (the losses above agree to 1e-4); the adapter has the same tensors.
     expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
     assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
+
+
+def test_two_processes_report_the_run_loss_of_one_when_no_step_logs(tmp_path_factory, tiny_model_dir):
+    # A run shorter than logging_steps reports its mean loss; each process's own figure is off by its token share.
+    root = make_project(tmp_path_factory.mktemp("unlogged"), tiny_model_dir, LONGER | {"train.logging_steps": 1000})
+    run(root, "python", "-m", "stages.prepare_subset")
+    run(root, "python", "-m", "stages.tokenize")
+    losses = {}
+    for processes in (1, 2):
+        fresh_finetune(root, *finetune_command(processes)[:-2])
+        losses[processes] = json.loads((root / "metrics/train.json").read_text())["train_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)

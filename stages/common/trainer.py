@@ -22,6 +22,14 @@ class TokenWeightedTrainer(Trainer):
     mean (the same adapter scored 10.85 on one process and 10.95 on two).
     """
 
+    def mean_over_processes(self, value: float) -> float:
+        """`value` averaged over the processes (every process must call this). Each process's `training_loss` is its
+        own rows' loss scaled by its share of the step's tokens (the Trainer's token averaging across devices), so
+        only their mean is the run's loss; one process's figure is off by its share (11.9 vs 10.9 seen)."""
+        if self.args.world_size == 1:
+            return value
+        return self.accelerator.reduce(torch.tensor(value, device=self.args.device), reduction="mean").item()
+
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
