@@ -20,18 +20,20 @@ params from profiles/seed.yaml plus the variant's overrides.
 - scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP), each on a cold compile cache, then both
   again on a warm one: the scaling of issue #7; then short runs of the step alone (one GPU at one rank's share of
   the rows, DDP, one GPU at all of them) that say where a second GPU's gain goes (`--skip epochs` / `steps`).
-- graphs: (a); (b) whole epoch; the same with `train.cuda_graphs: true`; that at micro-batch 8 x accumulation 2.
-- levers: (a); the seed profile eager (compile off, rows padded per batch), then compiled on a cold and on a warm
-  compile cache; then from the seed-exact settings through the stage, one lever after another switched on.
-- compiled: (a); eager; compiled on fixed shapes, cold and warm; the same unquantized. With --profile, each row
-  writes where the time of its steps 4-6 went (GPU kernels vs host), under OUT/profiles<tag>/.
+- graphs: (a); (b) whole epoch without CUDA graphs; the same with them (the seed profile); that at micro-batch 8 x
+  accumulation 2.
+- levers: (a); the seed profile eager (compile off, rows padded per batch), then as configured (compiled, CUDA
+  graphs) on a cold and on a warm compile cache; then from the seed-exact settings through the stage, one lever
+  after another switched on.
+- compiled: (a); eager; compiled on fixed shapes without CUDA graphs, cold and warm; the same unquantized. With
+  --profile, each row writes where the time of its steps 4-6 went (GPU kernels vs host), under OUT/profiles<tag>/.
 - quant: (a); `quantization: none` in bf16, eager and compiled; the seed profile under a 16 GiB budget
   (torch.cuda.set_per_process_memory_fraction); the seed profile at (a)'s step count for the quality check.
 
 Rows of `--lever-steps` steps report an estimated epoch: warm-up (the micro-batch probe and the first step, where
 compilation happens) + steady step time x (steps in an epoch - 1) + the end-of-epoch evaluation, each measured by
 the stage. Whole-epoch rows report the stage's probe + training wall time. `--set key=value` changes the seed
-profile for every pipeline row (e.g. `--set train.compile=false`).
+profile for every pipeline row (e.g. `--set train.cuda_graphs=false`).
 
 (a) runs `--seed-steps` optimizer steps; its epoch time is estimated as first step + steady step time x
 (steps in an epoch - 1) + its per-epoch evaluation, each measured. Eval loss is response-only (prompt and padding
@@ -96,7 +98,12 @@ SEED_EXACT_EXECUTION = {
     "train.precision": "fp16",
     "train.gradient_checkpointing": True,
     "train.group_by_length": False,
+    "train.compile": False,
+    "train.cuda_graphs": False,
 }
+NO_GRAPHS = {"train.cuda_graphs": False}  # the compiled blocks run without CUDA graphs
+# The seed profile as it ran before compilation: eager blocks, rows padded per batch and grouped by length.
+EAGER = NO_GRAPHS | {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
 
 
 def sync() -> None:
@@ -488,28 +495,29 @@ def short_run(pipe: Pipeline, steps: int, rows: int) -> dict[str, Any]:
 
 
 def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
-    """The seed profile eager, then compiled on a cold and a warm cache; then from the seed-exact settings one
+    """The seed profile eager, then as configured (compiled, CUDA graphs) on a cold and a warm cache; then from the
+    seed-exact settings one
     lever after another (the last step of that chain is the seed profile eager, the first row)."""
     short = pipe.steps(lever_steps)
-    eager = {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
-    add(pipe.finetune("seed profile (eager)", short | eager))
+    add(pipe.finetune("seed profile (eager)", short | EAGER))
     pipe.clear_compile_cache()
-    optional(add, lambda: pipe.finetune("seed profile (compiled, fixed shapes), cold cache", short))
-    optional(add, lambda: pipe.finetune("seed profile (compiled, fixed shapes), warm cache", short))
-    overrides = dict(SEED_EXACT_EXECUTION) | short | {"train.compile": False}
+    optional(add, lambda: pipe.finetune("seed profile (compiled, CUDA graphs), cold cache", short))
+    optional(add, lambda: pipe.finetune("seed profile (compiled, CUDA graphs), warm cache", short))
+    overrides = dict(SEED_EXACT_EXECUTION) | short
     for label, change in LEVERS[:-1]:
         overrides |= change
         add(pipe.finetune(label, overrides))
 
 
 def quant(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
-    """Unquantized bf16 eager and compiled; the 16 GiB budget; quality at (a)'s step count."""
+    """Unquantized bf16 eager, then as the seed profile runs (compiled, CUDA graphs); the 16 GiB budget; quality at
+    (a)'s step count."""
     short = pipe.steps(lever_steps)
     unquantized = short | {"model.quantization": "none"}
-    add(pipe.finetune("(c) quantization none, bf16 (eager)", unquantized | {"train.compile": False}))
+    add(pipe.finetune("(c) quantization none, bf16 (eager)", unquantized | NO_GRAPHS | {"train.compile": False}))
     pipe.clear_compile_cache()
-    optional(add, lambda: pipe.finetune("(c) + torch.compile, cold cache", unquantized | {"train.compile": True}))
-    optional(add, lambda: pipe.finetune("(c) + torch.compile, warm cache", unquantized | {"train.compile": True}))
+    optional(add, lambda: pipe.finetune("(c) + torch.compile and CUDA graphs, cold cache", unquantized))
+    optional(add, lambda: pipe.finetune("(c) + torch.compile and CUDA graphs, warm cache", unquantized))
     add(pipe.finetune("(b) seed profile, 16 GiB cap", short, memory_gib=None if pipe.smoke else 16))
     add(quality(pipe, seed_steps))
 
@@ -523,12 +531,11 @@ def optional(add: Callable[[dict], None], measure: Callable[[], dict]) -> None:
 
 
 def compiled(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
-    """The seed profile eager; compiled on fixed shapes (every batch padded to max_length), cold then warm cache;
-    the same unquantized. With --profile each row also writes where its steps' time goes."""
+    """The seed profile eager; compiled on fixed shapes (every batch padded to max_length) without CUDA graphs, cold
+    then warm cache; the same unquantized. With --profile each row also writes where its steps' time goes."""
     short = pipe.steps(lever_steps)
-    fixed = short | {"train.compile": True, "tokenize.padding": "max_length"}
-    eager = {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
-    add(pipe.finetune("(b) seed profile eager, rows padded per batch", short | eager))
+    fixed = short | NO_GRAPHS | {"train.compile": True, "tokenize.padding": "max_length"}
+    add(pipe.finetune("(b) seed profile eager, rows padded per batch", short | EAGER))
     pipe.clear_compile_cache()
     optional(add, lambda: pipe.finetune("(b) compiled, fixed shapes, cold cache", fixed))
     optional(add, lambda: pipe.finetune("(b) compiled, fixed shapes, warm cache", fixed))
@@ -538,14 +545,14 @@ def compiled(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
 
 
 def graphs(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
-    """The seed profile as configured, then with its compiled blocks replayed as CUDA graphs (whole epochs, each on a
-    cold compile cache); the graphs at micro-batch 8 x accumulation 2 (short), where gradients must accumulate."""
-    graphed = {"train.cuda_graphs": True}
+    """The seed profile without CUDA graphs, then as configured, its compiled blocks replayed as CUDA graphs (whole
+    epochs, each on a cold compile cache); the graphs at micro-batch 8 x accumulation 2 (short), where gradients must
+    accumulate."""
     pipe.clear_compile_cache()
-    add(pipe.finetune("(b) seed profile, 1 GPU", {}))
+    add(pipe.finetune("(b) seed profile without CUDA graphs, 1 GPU", NO_GRAPHS))
     pipe.clear_compile_cache()
-    optional(add, lambda: pipe.finetune("(b) + CUDA graphs", graphed))
-    accumulated = pipe.steps(lever_steps) | graphed | {"train.micro_batch_size": 8}
+    optional(add, lambda: pipe.finetune("(b) + CUDA graphs", {}))
+    accumulated = pipe.steps(lever_steps) | {"train.micro_batch_size": 8}
     optional(add, lambda: pipe.finetune("(b) + CUDA graphs, micro-batch 8 x accumulation 2", accumulated))
 
 
