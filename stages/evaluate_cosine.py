@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_jsonl, write_json
-from stages.common.models import PACKAGE_PREFIX, load_finetuned, load_tokenizer, package_path
+from stages.common.models import check_token_budget, load_finetuned, load_tokenizer, resolve_model
 from stages.common.params import Params, load_params
 from stages.common.paths import ADAPTER_DIR, COSINE_METRICS, GENERATIONS_REPORT, SUBSET_DIR
 from stages.common.prompt import INSTRUCTION_MARKER, format_prompt
@@ -75,6 +75,10 @@ def build_prompts(params: Params, tokenizer: Any) -> list[Prompt]:
         raise PipelineError(
             "eval.generate.prompts is empty and eval.generate.held_out_prompts is 0: nothing to compare"
         )
+    longest = max(len(tokenizer(p.model_input)["input_ids"]) for p in prompts)
+    check_token_budget(
+        params.model, longest + params.eval.generate.max_new_tokens, "longest prompt + eval.generate.max_new_tokens"
+    )
     return prompts
 
 
@@ -136,9 +140,12 @@ def word_count(text: str) -> int:
 def load_embedder(spec: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
-    source = str(package_path(spec, "eval.generate.embedder")) if spec.startswith(PACKAGE_PREFIX) else spec
+    source = resolve_model(spec, "eval.generate.embedder").path
     try:
-        return SentenceTransformer(source, device="cpu", trust_remote_code=False)
+        # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
+        return SentenceTransformer(
+            source, device="cpu", trust_remote_code=False, model_kwargs={"use_safetensors": True}
+        )
     except (OSError, ValueError) as err:
         raise PipelineError(f"eval.generate.embedder '{spec}': could not load: {str(err).splitlines()[0]}") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, write_json
+from stages.common.model_card import model_card
 from stages.common.models import load_base_model, load_tokenizer
 from stages.common.params import Params, load_params
 from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, TOKENIZED_DIR, TRAIN_METRICS
@@ -39,10 +41,13 @@ from stages.common.training import (
     world_size,
     write_curves,
 )
+from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.launch import inside_launched_job, run_processes
 
 log = logging.getLogger("pipeline")
 
-CODE_FILES = [Path(__file__), *sorted(Path(__file__).parent.glob("common/*.py"))]
+HERE = Path(__file__).parent
+CODE_FILES = [Path(__file__), *sorted(HERE.glob("common/*.py")), *sorted(HERE.glob("finetuning/*.py"))]
 
 
 def check_device(params: Params) -> None:
@@ -50,11 +55,9 @@ def check_device(params: Params) -> None:
         raise PipelineError("train.precision 'fp16' needs a CUDA GPU; use fp32 or bf16 on CPU")
     if world_size() != params.train.processes:
         log.warning(
-            "train.processes is %d but %d process(es) run: launch with `accelerate launch "
-            "--num_processes %d -m stages.finetune` (as dvc.yaml does)",
+            "train.processes is %d but %d process(es) were launched: the launcher's count wins",
             params.train.processes,
             world_size(),
-            params.train.processes,
         )
 
 
@@ -81,9 +84,22 @@ def attach_lora(model: Any, params: Params) -> Any:
         model = get_peft_model(model, config)
     except ValueError as err:
         raise PipelineError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    describe_base(model, params)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %.2fM trainable of %.1fM params (%.3f%%)", trainable / 1e6, total / 1e6, 100 * trainable / total)
     return model
+
+
+def describe_base(model: Any, params: Params) -> None:
+    """What the adapter folder and every checkpoint's adapter_config.json and model card say about the base: the
+    params' own name (not the resolved path, which holds the virtual environment's absolute path) and the target
+    modules in sorted order (peft keeps them as a set, which JSON writes in a different order per process)."""
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = params.model.name
+    config.revision = params.model.revision
+    config.target_modules = sorted(config.target_modules)
+    base = model.get_base_model()
+    base.name_or_path = base.config._name_or_path = params.model.name  # what peft's checkpoint cards record
 
 
 def training_arguments(params: Params, micro: int) -> Any:
@@ -129,21 +145,29 @@ def training_arguments(params: Params, micro: int) -> Any:
 
 def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
     """Adapter + tokenizer + resolved params, so the folder (and its zip) says how it was made."""
-    model.peft_config["default"].base_model_name_or_path = params.model.name
-    model.peft_config["default"].revision = params.model.revision
     with atomic_path(ADAPTER_DIR, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "params.json", params.to_dict())
+        (tmp / "README.md").write_text(model_card(params.to_dict()), encoding="utf-8")  # replaces peft's blank one
+
+
+def forget_previous_results() -> None:
+    """The last run's curves and metrics go before this run's adapter is written: a crash between the writes then
+    leaves a missing file, never this run's adapter beside another run's figures."""
+    for stale in (TRAIN_METRICS, CURVES_DIR / "train.csv", CURVES_DIR / "eval.csv"):
+        stale.unlink(missing_ok=True)
 
 
 def training_metrics(
-    trainer: Any, run_loss: float, rows: list[dict], seconds: float, micro: int, model: Any
+    trainer: Any, run_loss: float, rows: list[dict], seconds: float, micro: int, model: Any, resumed_from: int
 ) -> dict[str, Any]:
     history = trainer.state.log_history
     train_losses = [e["loss"] for e in history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
-    tokens = sum(len(r["input_ids"]) for r in rows) * trainer.args.num_train_epochs
+    # tokens this process's run trained on: a resumed run did only the steps after its checkpoint
+    share = (trainer.state.global_step - resumed_from) / max(trainer.state.global_step, 1)
+    tokens = sum(len(r["input_ids"]) for r in rows) * trainer.args.num_train_epochs * share
     trainable, total = model.get_nb_trainable_parameters()
     return {
         # the last logged loss; a run shorter than logging_steps logs none, so its mean loss stands in
@@ -154,6 +178,7 @@ def training_metrics(
         "micro_batch_size": micro,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "processes": world_size(),
+        "resumed_from_step": resumed_from,
         "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0,
@@ -169,6 +194,8 @@ def main() -> None:
 
     params = load_params()
     train = params.train
+    if train.processes > 1 and not inside_launched_job():
+        sys.exit(run_processes(train.processes, "stages.finetune", torch.cuda.device_count()))
     check_device(params)
     set_seed(train.seed)  # before LoRA is attached: its A matrices are drawn from this generator
     use_all_cpu_cores()
@@ -213,7 +240,7 @@ def main() -> None:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=Collator(meta, batch_rows=micro if train.compile else None),
-        callbacks=[clock.callback] + ([profiler.callback] if profiler else []),
+        callbacks=[clock.callback, finite_loss_callback()] + ([profiler.callback] if profiler else []),
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
@@ -224,17 +251,19 @@ def main() -> None:
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     run_loss = trainer.mean_over_processes(result.training_loss)
+    check_finite_weights(model, run_loss, trainer.state.global_step)
     if not is_main_process():
         return
-    metrics = training_metrics(trainer, run_loss, train_rows, seconds, micro, model)
+    resumed_from = int(resume.rpartition("-")[2]) if resume else 0
+    metrics = training_metrics(trainer, run_loss, train_rows, seconds, micro, model, resumed_from)
     metrics |= clock.summary() | {"probe_seconds": round(probe_seconds, 2)}  # the probe also pays compilation
-    metrics["resumed_from_step"] = int(resume.rpartition("-")[2]) if resume else 0
     log.info(
         "train loss %s, eval loss %s, %.0f tokens/s",
         metrics["train_loss"],
         metrics["eval_loss"],
         metrics["tokens_per_second"],
     )
+    forget_previous_results()
     save_adapter(model, tokenizer, params)
     with atomic_path(CURVES_DIR, directory=True) as tmp:
         write_curves(trainer.state.log_history, tmp)

@@ -2,8 +2,10 @@
 
     python -m stages.package_zip
 
-Reads models/adapter/; writes models/<package.name>.zip. Only regular files inside the adapter folder go in
-(symlinks are skipped, never followed), with fixed timestamps so the same adapter gives the same zip bytes.
+Reads models/adapter/; writes models/adapter.zip. Only what a user needs goes in: the adapter's safetensors and
+configs, the tokenizer, params.json and the model card. Never a pickle (.bin, .pt, .pkl: loading one can run code),
+never a link (a symlink or a hard link could carry a file from outside the folder), never a subfolder. Entries get
+fixed timestamps, so the same adapter gives the same zip bytes.
 """
 
 from __future__ import annotations
@@ -14,69 +16,57 @@ from pathlib import Path
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_json
+from stages.common.model_card import model_card
 from stages.common.params import load_params
-from stages.common.paths import ADAPTER_DIR, package_zip
+from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP
 
 log = logging.getLogger("pipeline")
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-MODEL_CARD = "README.md"  # replaces the blank template peft writes
+MODEL_CARD = "README.md"  # written anew with the package name as its title
+SHIPPED_SUFFIXES = {".safetensors", ".json", ".jinja", ".txt", ".model"}  # weights, configs, tokenizer files
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def adapter_files(folder: Path) -> list[Path]:
-    """Regular files under `folder`, symlinks skipped: nothing outside the folder can end up in the zip."""
+    """The regular, unlinked files directly in `folder` whose type is shipped; everything else is left out, said so."""
     files = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            log.warning("skipping symlink %s", path)
-        elif path.is_file():
+    for path in sorted(folder.iterdir()):
+        if path.name == MODEL_CARD and path.is_file() and not path.is_symlink():
+            continue  # written anew into the zip
+        if path.is_symlink() or not path.is_file():
+            log.warning("not packaged: %s is a link or a folder", path)
+        elif path.stat().st_nlink > 1:
+            log.warning("not packaged: %s is a hard link (its content may live outside the adapter)", path)
+        elif path.suffix.lower() not in SHIPPED_SUFFIXES:
+            log.warning("not packaged: %s (only safetensors, configs and tokenizer files; no pickles)", path)
+        else:
             files.append(path)
     return files
 
 
-def model_card(folder: Path) -> str:
-    params = read_json(folder / "params.json")
-    model, lora, train, data = params["model"], params["lora"], params["train"], params["data"]
-    return "\n".join(
-        [
-            f"# LoRA adapter for {model['name']}",
-            "",
-            f"- base model: `{model['name']}` (revision {model['revision'] or 'latest'}, "
-            f"quantization {model['quantization']}, compute {model['compute_dtype']})",
-            f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
-            f"target modules {lora['target_modules'] or 'peft default'}",
-            f"- training: {train['epochs']} epoch(s), effective batch {train['effective_batch_size']}, "
-            f"lr {train['learning_rate']}, weight decay {train['weight_decay']}, {train['precision']}",
-            f"- data: `{data['source']}`, {data['train_size']} train / {data['eval_size']} eval rows, "
-            f"seed {data['seed']}",
-            "",
-            "Load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), <this folder>)`.",
-            "Every setting is in `params.json`.",
-            "",
-        ]
-    )
-
-
-def write_zip(folder: Path, target: Path) -> int:
+def write_zip(folder: Path, target: Path, name: str = "adapter") -> int:
     files = adapter_files(folder)
-    if not any(f.name == "adapter_config.json" for f in files):
-        raise PipelineError(f"{folder}: no trained adapter (adapter_config.json missing); run finetune first")
+    for required in REQUIRED:
+        if not any(f.name == required for f in files):
+            raise PipelineError(f"{folder}: no trained adapter ({required} missing); run finetune first")
+    card = model_card(read_json(folder / "params.json"), title=name)
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in files:
-            if path.relative_to(folder).as_posix() == MODEL_CARD:
-                continue
-            info = zipfile.ZipInfo(path.relative_to(folder).as_posix(), FIXED_TIME)
+            info = zipfile.ZipInfo(path.name, FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16  # the same mode whoever zips it
             archive.writestr(info, path.read_bytes())
-        archive.writestr(zipfile.ZipInfo(MODEL_CARD, FIXED_TIME), model_card(folder))
+        info = zipfile.ZipInfo(MODEL_CARD, FIXED_TIME)
+        info.external_attr = 0o644 << 16
+        archive.writestr(info, card)
     return len(archive.namelist())
 
 
 def main() -> None:
     params = load_params().package
-    target = package_zip(params.name)
-    count = write_zip(ADAPTER_DIR, target)
-    log.info("%d files from %s -> %s (%.1f MiB)", count, ADAPTER_DIR, target, target.stat().st_size / 2**20)
+    count = write_zip(ADAPTER_DIR, ADAPTER_ZIP, params.name)
+    log.info("%d files from %s -> %s (%.1f MiB)", count, ADAPTER_DIR, ADAPTER_ZIP, ADAPTER_ZIP.stat().st_size / 2**20)
 
 
 if __name__ == "__main__":

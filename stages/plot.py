@@ -91,7 +91,8 @@ def perplexity_table(metrics: dict, target: Path) -> None:
 
 
 def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
-    """The figures a reader checks first, as a Markdown table, straight from the metrics files."""
+    """The figures a reader checks first, as a Markdown table, straight from the metrics files. No timings: the
+    README holds a copy that tests compare with a fresh run, which any machine must reproduce."""
     rows = [
         ("perplexity, response only (honest)", perplexity["base"]["response"], perplexity["finetuned"]["response"]),
         ("perplexity, seed way (padding included)", perplexity["base"]["seed"], perplexity["finetuned"]["seed"]),
@@ -109,8 +110,7 @@ def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
         f"Mean cosine similarity of base vs fine-tuned generations: **{cosine['mean']:.3f}** over "
         f"{cosine['prompts']} prompts. Perplexity over {perplexity['rows']} held-out rows "
         f"({perplexity['tokens']['response']} answer tokens). Training: {train['steps']} optimizer steps, "
-        f"final train loss {train['train_loss']:.3f}, eval loss {train['eval_loss']:.3f}, "
-        f"{train['train_seconds']:.0f} s, {train['tokens_per_second']:.0f} tokens/s.",
+        f"final train loss {train['train_loss']:.3f}, eval loss {train['eval_loss']:.3f}.",
     ]
     return "\n".join(lines) + "\n"
 

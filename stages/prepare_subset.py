@@ -20,13 +20,30 @@ from stages.common.records import read_records
 log = logging.getLogger("pipeline")
 
 
+def content_key(record: dict[str, str]) -> tuple[str, ...]:
+    """What makes two records the same example: their text, compared without case or spacing differences."""
+    return tuple(" ".join(record[field].split()).casefold() for field in ("instruction", "input", "output"))
+
+
+def unique_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The first of each group of records with the same content, in file order; a duplicate could otherwise land
+    in train and eval both, and the held-out figures would score memorised rows."""
+    seen: set[tuple[str, ...]] = set()
+    unique = [r for r in records if not (content_key(r) in seen or seen.add(content_key(r)))]
+    if len(unique) < len(records):
+        log.info("removed %d duplicate records (same instruction, input and output)", len(records) - len(unique))
+    return unique
+
+
 def split_records(records: list[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
-    """Shuffle with the seed, then take train first and eval right after: the two never overlap."""
+    """Shuffle the unique records with the seed, then take train first and eval right after: no example (by content)
+    is in both."""
+    records = unique_records(records)
     wanted = params.train_size + params.eval_size
     if wanted > len(records):
         raise PipelineError(
             f"data.train_size + data.eval_size = {params.train_size} + {params.eval_size} = {wanted} "
-            f"is more than the {len(records)} records in '{params.source}'"
+            f"is more than the {len(records)} unique records in '{params.source}'"
         )
     order = list(range(len(records)))
     random.Random(params.seed).shuffle(order)

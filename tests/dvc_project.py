@@ -28,14 +28,6 @@ TINY = {
 }
 
 
-def finetune_command(processes: int) -> list[str]:
-    """dvc.yaml's finetune command for `processes`; on a machine without GPUs accelerate needs --multi_gpu to start
-    several processes (they then talk over gloo)."""
-    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"]
-    args = cmd.replace("${train.processes}", str(processes)).split()
-    return args[:2] + ["--multi_gpu"] + args[2:] if processes > 1 else args
-
-
 def env() -> dict[str, str]:
     return {
         **os.environ,
@@ -76,14 +68,19 @@ def commit(root: Path, message: str) -> None:
     run(root, "git", "commit", "-qm", message)
 
 
+TINY_MODEL = "models/base/tiny"  # where make_project puts the tiny model: local models live under models/base/
+
+
 def make_project(target: Path, model_dir: Path, changes: dict | None = None) -> Path:
-    """A git repo holding this repo's files (no dvc.lock), params switched to the tiny model, committed."""
+    """A git repo holding this repo's files (no dvc.lock, no outputs of a run here), the tiny model copied into its
+    models/base/ and params switched to it, committed."""
     listed = run(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split()
     for name in listed:
         if (REPO / name).is_file() and name != "dvc.lock":
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target / name)
+    shutil.copytree(model_dir, target / TINY_MODEL)
     run(target, "git", "init", "-q")
-    set_params(target, {"model.name": str(model_dir), **TINY, **(changes or {})})
+    set_params(target, {"model.name": TINY_MODEL, **TINY, **(changes or {})})
     commit(target, "pipeline on a tiny model")
     return target

@@ -64,7 +64,7 @@ def test_unknown_param_key(project):
 
 def test_zero_learning_rate(project):
     set_params(project, {"train.learning_rate": 0})
-    stage_fails(project, "finetune", "train.learning_rate must be > 0", "models/adapter")
+    stage_fails(project, "finetune", "train.learning_rate must be in (0, 1], got 0", "models/adapter")
 
 
 def test_four_bit_without_a_gpu(project):

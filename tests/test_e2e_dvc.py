@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.dvc_project import ALL_STAGES, commit, make_project, run, set_params, stages_run
 
@@ -31,6 +34,46 @@ def test_first_repro_runs_all_seven_stages(project):
     ):
         assert (project / out).is_file(), out
     commit(project, "first run")
+
+
+TIMINGS = {
+    "train_seconds",
+    "tokens_per_second",
+    "first_step_seconds",
+    "warm_up_seconds",
+    "step_seconds",
+    "eval_seconds",
+    "probe_seconds",
+}
+
+
+def out_hashes(root) -> dict[str, str]:
+    """Every out's and metric's hash in dvc.lock, by path."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def test_two_clones_in_different_folders_give_the_same_bytes_for_every_out(project, tmp_path_factory, tiny_model_dir):
+    """Same params, data, code and seed on CPU: the same dvc.lock hash for every out (adapter folder, checkpoints,
+    zip, tokenized data, curves, plots, reports, metrics), train.json aside, whose timings differ; and no out holds
+    the path of the clone or of the virtual environment."""
+    other = make_project(tmp_path_factory.mktemp("elsewhere") / "a" / "deeper" / "clone", tiny_model_dir)
+    run(other, "dvc", "repro")
+    first, second = out_hashes(project), out_hashes(other)
+    assert first.keys() == second.keys() and "models/checkpoints" in first and "models/adapter.zip" in first
+    differing = {path for path in first if first[path] != second[path]}
+    assert differing <= {"metrics/train.json"}, differing
+    train = [json.loads((root / "metrics/train.json").read_text()) for root in (project, other)]
+    assert [{k: v for k, v in t.items() if k not in TIMINGS} for t in train] == [
+        {k: v for k, v in train[0].items() if k not in TIMINGS}
+    ] * 2
+    for root in (project, other):
+        for path in first:
+            files = [root / path] if (root / path).is_file() else sorted((root / path).rglob("*"))
+            for file in (f for f in files if f.is_file()):
+                content = file.read_bytes()
+                for absolute in (str(root), str(tiny_model_dir), sys.prefix, str(Path.home())):
+                    assert absolute.encode() not in content, f"{file} holds {absolute}"
 
 
 def test_second_repro_runs_nothing(project):

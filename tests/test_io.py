@@ -27,3 +27,34 @@ def test_folder_output_is_replaced_whole(tmp_path):
         with atomic_path(target, directory=True) as tmp:
             (tmp / f"{name}.txt").write_text(name)
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "adapter.zip"
+    (tmp_path / ".adapter.zip.abc123_x.tmp").write_bytes(b"half a zip")  # what a SIGKILL mid-write leaves
+    (tmp_path / ".adapter.zip.kq1z_8pm.tmp").mkdir()
+    (tmp_path / ".other.zip.abc123_x.tmp").write_text("not ours")
+    (tmp_path / ".adapter.abc123_x.tmp").write_text("the adapter folder's, not the zip's")
+    write_json(target, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".adapter.abc123_x.tmp",
+        ".other.zip.abc123_x.tmp",
+        "adapter.zip",
+    ]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "file.json", {})
+        with atomic_path(tmp_path / "folder", directory=True) as tmp:
+            (tmp / "inner").mkdir()
+            write_json(tmp / "inner" / "x.json", {})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "file.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "folder/inner/x.json").stat().st_mode & 0o777 == 0o666 & ~umask

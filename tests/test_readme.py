@@ -12,9 +12,14 @@ def test_readme_results_are_the_pipelines_report():
     assert section.group(1) == (REPO / "reports/results.md").read_text(encoding="utf-8")
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_pipeline_command_then_its_test_command():
     ci = (REPO / ".ci/run").read_text()
-    assert "test-command:start" in ci and "test-command:end" in ci
+    assert "for name in pipeline-command test-command" in ci
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- test-command:start -->\n```bash\n(.*?)\n```\n<!-- test-command:end -->", readme, re.S)
-    assert block and "pip install torch==2.13.0" in block.group(1) and "pytest" in block.group(1)
+    blocks = {
+        name: re.search(rf"<!-- {name}:start -->\n```bash\n(.*?)\n```\n<!-- {name}:end -->", readme, re.S)
+        for name in ("pipeline-command", "test-command")
+    }
+    assert blocks["pipeline-command"] and blocks["pipeline-command"].group(1).endswith("&& dvc repro")
+    assert blocks["test-command"] and "pytest" in blocks["test-command"].group(1)
+    assert readme.index("pipeline-command:start") < readme.index("test-command:start")

@@ -5,7 +5,7 @@ import pytest
 from stages.common.errors import PipelineError
 from stages.common.params import DataParams
 from stages.common.records import read_records
-from stages.prepare_subset import split_records
+from stages.prepare_subset import content_key, split_records
 
 
 def write_lines(path, lines):
@@ -85,3 +85,21 @@ def test_split_is_seeded_and_disjoint(records):
 def test_eval_size_above_the_data_names_the_keys(records):
     with pytest.raises(PipelineError, match=r"data.train_size \+ data.eval_size = 8 \+ 5 = 13 is more than the 12"):
         split_records(records, DataParams("x", None, "train", 8, 5, seed=0))
+
+
+def test_duplicates_never_straddle_the_split(records, caplog):
+    """Copies of one example (differing only in case and spacing) are kept once, so no eval row is a train row."""
+    copies = [{**records[0], "instruction": "  " + records[0]["instruction"].upper() + " "} for _ in range(6)]
+    pool = records + copies
+    for seed in range(10):
+        with caplog.at_level("INFO", logger="pipeline"):
+            train, held_out = split_records(pool, DataParams("x", None, "train", 9, 3, seed=seed))
+        keys = {content_key(r) for r in train}
+        assert not keys & {content_key(r) for r in held_out}
+        assert len(keys) == len(train)
+    assert "removed 6 duplicate records" in caplog.text
+
+
+def test_unique_records_only_shrinks_the_pool_for_real_duplicates(records):
+    with pytest.raises(PipelineError, match=r"= 13 is more than the 12 unique records"):
+        split_records(records + records[:3], DataParams("x", None, "train", 10, 3, seed=0))

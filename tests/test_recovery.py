@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.dvc_project import env, finetune_command, make_project, run
+from tests.dvc_project import env, make_project, run, set_params
 
 pytestmark = pytest.mark.slow
 ADAPTER = "models/adapter/adapter_model.safetensors"
@@ -35,9 +35,17 @@ def project(tmp_path_factory, tiny_model_dir):
     return root
 
 
-def fresh_finetune(root, *launcher: str) -> subprocess.CompletedProcess:
-    shutil.rmtree(root / "models", ignore_errors=True)
-    return run(root, *(launcher or ("python",)), "-m", "stages.finetune")
+def clear_training_outputs(root) -> None:
+    for out in ("models/adapter", "models/checkpoints"):
+        shutil.rmtree(root / out, ignore_errors=True)
+
+
+def fresh_finetune(root, processes: int = 1) -> subprocess.CompletedProcess:
+    """dvc.yaml's command on a clean models/ folder; with train.processes > 1 the stage starts its processes itself
+    (on CPU they talk over gloo)."""
+    clear_training_outputs(root)
+    set_params(root, {"train.processes": processes})
+    return run(root, "python", "-m", "stages.finetune")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def test_same_params_data_and_seed_give_the_same_adapter_bytes(project, referenc
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
-    shutil.rmtree(project / "models", ignore_errors=True)
+    clear_training_outputs(project)
     process = subprocess.Popen(
         ["python", "-m", "stages.finetune"],
         cwd=project,
@@ -84,7 +92,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
 
 
 def test_two_processes_write_once_and_agree_with_one(project, reference):
-    result = fresh_finetune(project, *finetune_command(2)[:-2])  # dvc.yaml's launcher, without "-m stage"
+    result = fresh_finetune(project, processes=2)
     log = result.stdout + result.stderr
     assert log.count("wrote models/adapter") == 1 and log.count("wrote metrics/train.json") == 1
     two, one = (json.loads(p.read_text()) for p in (project / "metrics/train.json", reference / "train.json"))
@@ -102,11 +110,13 @@ def test_two_processes_write_once_and_agree_with_one(project, reference):
 
 def test_two_processes_report_the_run_loss_of_one_when_no_step_logs(tmp_path_factory, tiny_model_dir):
     # A run shorter than logging_steps reports its mean loss; each process's own figure is off by its token share.
-    root = make_project(tmp_path_factory.mktemp("unlogged"), tiny_model_dir, LONGER | {"train.logging_steps": 1000})
+    root = make_project(
+        tmp_path_factory.mktemp("unlogged"), tiny_model_dir, LONGER | {"train.logging_steps": 1000, "train.epochs": 1}
+    )
     run(root, "python", "-m", "stages.prepare_subset")
     run(root, "python", "-m", "stages.tokenize")
     losses = {}
     for processes in (1, 2):
-        fresh_finetune(root, *finetune_command(processes)[:-2])
+        fresh_finetune(root, processes)
         losses[processes] = json.loads((root / "metrics/train.json").read_text())["train_loss"]
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)

@@ -4,6 +4,7 @@ from a local-directory remote and from a real WebDAV server on loopback; `dvc ge
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import BIN, commit, env, make_project, run, stages_run
+from tests.dvc_project import BIN, TINY_MODEL, commit, env, make_project, run, stages_run
 
 pytestmark = pytest.mark.slow
 OUTS = ["models/adapter/adapter_model.safetensors", "models/adapter.zip", "data/tokenized/meta.json"]
@@ -66,10 +67,16 @@ def webdav(tmp_path_factory):
     server.wait(timeout=10)
 
 
+def teammate_has_the_base_model(project: Path, clone: Path) -> None:
+    """A local base model is not in git (nor in the DVC remote): a teammate gets the same one (as with a hub id)."""
+    shutil.copytree(project / TINY_MODEL, clone / TINY_MODEL)
+
+
 def clone_and_pull(project: Path, target: Path, remote: str) -> None:
     """A teammate's clone: `dvc pull` restores every out, status is clean; `dvc repro --pull` in another fresh
     clone reruns nothing."""
     run(project.parent, "git", "clone", "-q", str(project), str(target))
+    teammate_has_the_base_model(project, target)
     assert not (target / "models/adapter").exists()
     run(target, "dvc", "pull", "-r", remote)
     for out in OUTS:
@@ -78,6 +85,7 @@ def clone_and_pull(project: Path, target: Path, remote: str) -> None:
 
     other = target.with_name(target.name + "-repro")
     run(project.parent, "git", "clone", "-q", str(project), str(other))
+    teammate_has_the_base_model(project, other)
     run(other, "dvc", "remote", "default", "--local", remote)
     assert stages_run(run(other, "dvc", "repro", "--pull", "--allow-missing")) == set()
 

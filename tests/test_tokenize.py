@@ -55,3 +55,34 @@ def test_collator_pads_as_meta_says(loss_mask, padding, width, label_pad):
     assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * (width - 3)
     assert batch["labels"][0, 3:].eq(label_pad).all()
     assert batch["labels"][1, :5].tolist() == [5, 6, 7, 8, 9]
+
+
+def subset_file(tmp_path, records):
+    import json
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_rows_without_an_answer_token_are_counted_and_dropped_under_completion(tmp_path, tokenizer, caplog):
+    from stages.tokenize import tokenize_file
+
+    long_prompt = {**RECORD, "instruction": "Explain " * 60}
+    path = subset_file(tmp_path, [RECORD, long_prompt, RECORD])
+    with caplog.at_level("WARNING", logger="pipeline"):
+        rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "completion", "longest"))
+    assert counts == {"rows_read": 3, "rows_cut_at_max_length": 1, "rows_without_answer": 1, "rows": 2}
+    assert all(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
+    assert "1 of 3 rows have no answer token left" in caplog.text
+    rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "full", "longest"))
+    assert (len(rows), counts["rows_without_answer"]) == (3, 1)  # full trains on the prompt too: kept
+
+
+def test_no_row_with_an_answer_left_is_an_error(tmp_path, tokenizer):
+    from stages.common.errors import PipelineError
+    from stages.tokenize import tokenize_file
+
+    path = subset_file(tmp_path, [{**RECORD, "instruction": "Explain " * 60}])
+    with pytest.raises(PipelineError, match=r"train.jsonl: none of its 1 rows has an answer token within"):
+        tokenize_file(path, tokenizer, TokenizeParams(16, "completion", "longest"))

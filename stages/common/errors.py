@@ -19,6 +19,17 @@ def _stamp_elapsed(record: logging.LogRecord) -> bool:
     return True
 
 
+def _fail(line: str, code: int) -> None:
+    """Print the one error line on a line of its own (progress bars still open would have it follow their last
+    update on the same line) and exit with `code`."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main(): log its duration, map bad input to `error: ...` (exit 2) and Ctrl-C to exit 130."""
     # Seconds since the process started on every line: where a stage's time goes (imports included) is readable.
@@ -29,9 +40,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {err}", 2)
     except KeyboardInterrupt:
-        print(f"error: {name} interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
+        _fail(f"error: {name} interrupted; no output was written", 130)
     log.info("done in %.1f s", time.perf_counter() - started)

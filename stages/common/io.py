@@ -25,11 +25,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def remove_leftovers(target: Path) -> None:
+    """Temporary siblings of `target` left by an earlier run that was killed before it could clean up."""
+    for leftover in target.parent.glob(f".{target.name}.{'?' * 8}.tmp"):  # tempfile's 8 random characters
+        log.info("removing %s, left by an interrupted run", leftover)
+        _remove(leftover)
+
+
+def _follow_umask(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; a finished out gets the permissions any new file of the user's would."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if directory else [path]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `target` (a folder when `directory`); replace `target` with it on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     else:
@@ -38,6 +60,7 @@ def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        _follow_umask(tmp, directory)
         if directory:
             _remove(target)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, target)

@@ -18,6 +18,7 @@ import torch
 
 from stages.common.errors import PipelineError
 from stages.common.params import ModelParams
+from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR
 
 log = logging.getLogger("pipeline")
 
@@ -65,6 +66,14 @@ def resolve_model(name: str, key: str = "model.name") -> ModelSource:
         if path.suffix == ".gguf":
             return ModelSource(str(path.parent), path.name)
         return ModelSource(str(path))
+    local = Path(name)
+    tracked = any(local.is_relative_to(folder) for folder in (BASE_MODELS_DIR, EMBEDDERS_DIR))
+    if not local.is_absolute() and local.exists() and not tracked:
+        # transformers loads a local folder before a hub id of the same name, and DVC does not watch that folder
+        raise PipelineError(
+            f"{key} '{name}' is a local folder outside {BASE_MODELS_DIR}/ and {EMBEDDERS_DIR}/: move it there so DVC "
+            "reruns what depends on it when it changes"
+        )
     return ModelSource(name)
 
 
@@ -75,6 +84,25 @@ def _load(loader: Any, params: ModelParams, what: str, **extra: Any) -> Any:
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"model.name '{params.name}': could not load the {what}: {first}") from None
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(params: ModelParams) -> int | None:
+    """Tokens the base model can attend over (from its config), or None when its config does not say."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig, params, "config")
+    config = getattr(config, "text_config", None) or config
+    return next((int(getattr(config, key)) for key in CONTEXT_KEYS if getattr(config, key, None)), None)
+
+
+def check_token_budget(params: ModelParams, tokens: int, what: str) -> None:
+    """One line naming the params that ask for more tokens than the model has positions for."""
+    limit = context_length(params)
+    if limit is not None and tokens > limit:
+        raise PipelineError(f"{what} = {tokens} tokens, more than the {limit} positions of model.name '{params.name}'")
 
 
 def load_tokenizer(params: ModelParams) -> Any:

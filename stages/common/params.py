@@ -7,15 +7,18 @@ reported in one line naming each dotted key, before any model or data is touched
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
 from stages.common.errors import PipelineError
+from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR, RAW_DIR
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -24,25 +27,78 @@ def _check(predicate, message: str) -> dict:
     return {"check": (predicate, message)}
 
 
-POSITIVE = _check(lambda v: v > 0, "must be > 0")
-NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
-PROBABILITY = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+def _show(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def between(low: float, high: float) -> dict:
+    return _check(lambda v: low <= v <= high, f"must be in [{_show(low)}, {_show(high)}]")
+
+
+def above(low: float, high: float) -> dict:
+    return _check(lambda v: low < v <= high, f"must be in ({_show(low)}, {_show(high)}]")
+
+
+def _is_relative_under(value: str, folder: Path) -> bool:
+    """`value` names something strictly inside `folder` (a repo-relative folder), with no way out of it."""
+    path = PurePosixPath(value)
+    return (
+        not path.is_absolute()
+        and "\\" not in value
+        and ".." not in path.parts
+        and path.parts[: len(folder.parts)] == folder.parts
+        and len(path.parts) > len(folder.parts)
+    )
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+PACKAGE_SPEC = re.compile(r"^pkg:[A-Za-z_]\w*/[\w./-]+$")
+SEED = between(0, 2**32 - 1)  # numpy's and the Trainer's seed range
+BATCH = between(1, 65536)
 NOT_EMPTY = _check(lambda v: len(v) > 0, "must not be empty")
+PROBABILITY = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+SLUG = _check(
+    lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) is not None,
+    "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+
+
+def model_location(folder: Path) -> dict:
+    """A hub id, a file or folder inside an installed package, or a folder under `folder` (which DVC tracks as a
+    dependency, so editing a local model reruns what uses it). Nothing outside the repository."""
+    return _check(
+        lambda v: (
+            v.startswith("pkg:")
+            and PACKAGE_SPEC.match(v)
+            and ".." not in v.split("/")
+            or (not v.startswith("pkg:") and (_is_relative_under(v, folder) or (HUB_ID.match(v) and ".." not in v)))
+        ),
+        f"must be a hub id (owner/name), pkg:<package>/<path>, or a folder under {folder.as_posix()}/ (DVC tracks it)",
+    )
+
+
+DATA_LOCATION = _check(
+    lambda v: (
+        (v.startswith("hub:") and HUB_ID.match(v[4:]) is not None and ".." not in v)
+        or (not v.startswith("hub:") and _is_relative_under(v, RAW_DIR))
+    ),
+    f"must be hub:<dataset id> or a file under {RAW_DIR.as_posix()}/ (DVC tracks that folder)",
+)
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = field(metadata=NOT_EMPTY)  # local .jsonl/.json/.parquet file, or "hub:<dataset id>"
+    source: str = field(metadata=DATA_LOCATION)  # a file under data/raw/, or "hub:<dataset id>"
     revision: str | None
-    split: str
-    train_size: int = field(metadata=POSITIVE)
-    eval_size: int = field(metadata=POSITIVE)
-    seed: int
+    split: str = field(metadata=NOT_EMPTY)
+    train_size: int = field(metadata=between(1, 10_000_000))
+    eval_size: int = field(metadata=between(1, 10_000_000))
+    seed: int = field(metadata=SEED)
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = field(metadata=NOT_EMPTY)  # hub id, local folder, or "pkg:<package>/<file or folder>"
+    name: str = field(metadata=model_location(BASE_MODELS_DIR))
     revision: str | None
     quantization: Literal["none", "nf4", "fp4"]
     compute_dtype: Literal["float32", "float16", "bfloat16"]
@@ -51,49 +107,51 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TokenizeParams:
-    max_length: int = field(metadata=POSITIVE)
+    max_length: int = field(metadata=between(8, 1_048_576))  # and at most the model's context (tokenize checks)
     loss_mask: Literal["full", "completion"]
     padding: Literal["max_length", "longest"]
 
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = field(metadata=POSITIVE)
-    alpha: float = field(metadata=POSITIVE)
+    r: int = field(metadata=between(1, 4096))
+    alpha: float = field(metadata=above(0, 1e6))
     dropout: float = field(metadata=PROBABILITY)
-    target_modules: list[str] | None
+    target_modules: list[str] | None = field(
+        metadata=_check(lambda v: len(v) > 0 and all(m.strip() for m in v), "must be a non-empty list of names")
+    )
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: float = field(metadata=POSITIVE)
-    effective_batch_size: int = field(metadata=POSITIVE)
-    micro_batch_size: int | Literal["auto"]
-    learning_rate: float = field(metadata=POSITIVE)
-    weight_decay: float = field(metadata=NON_NEGATIVE)
+    epochs: float = field(metadata=above(0, 1000))
+    effective_batch_size: int = field(metadata=BATCH)
+    micro_batch_size: int | Literal["auto"] = field(metadata=BATCH)
+    learning_rate: float = field(metadata=above(0, 1))
+    weight_decay: float = field(metadata=between(0, 1))
     warmup_ratio: float = field(metadata=PROBABILITY)
     precision: Literal["fp32", "fp16", "bf16"]
     gradient_checkpointing: bool
     group_by_length: bool
     compile: bool
     cuda_graphs: bool
-    processes: int = field(metadata=POSITIVE)
-    logging_steps: int = field(metadata=POSITIVE)
-    seed: int
+    processes: int = field(metadata=between(1, 1024))
+    logging_steps: int = field(metadata=between(1, 1_000_000))
+    seed: int = field(metadata=SEED)
 
 
 @dataclass(frozen=True)
 class PerplexityParams:
-    batch_size: int = field(metadata=POSITIVE)
+    batch_size: int = field(metadata=BATCH)
 
 
 @dataclass(frozen=True)
 class GenerateParams:
     prompts: list[str]
-    held_out_prompts: int = field(metadata=NON_NEGATIVE)  # eval-split instructions added to `prompts`
-    max_new_tokens: int = field(metadata=POSITIVE)
-    batch_size: int = field(metadata=POSITIVE)
-    embedder: str = field(metadata=NOT_EMPTY)
+    held_out_prompts: int = field(metadata=between(0, 10_000))  # eval-split instructions added to `prompts`
+    max_new_tokens: int = field(metadata=between(1, 1_048_576))  # and prompt + this within the model's context
+    batch_size: int = field(metadata=BATCH)
+    embedder: str = field(metadata=model_location(EMBEDDERS_DIR))
 
 
 @dataclass(frozen=True)
@@ -104,12 +162,12 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class PlotParams:
-    dpi: int = field(metadata=POSITIVE)
+    dpi: int = field(metadata=between(20, 1200))
 
 
 @dataclass(frozen=True)
 class PackageParams:
-    name: str = field(metadata=_check(lambda v: v and "/" not in v and not v.startswith("."), "must be a file stem"))
+    name: str = field(metadata=SLUG)  # the model's name in its card; the zip is always models/adapter.zip
 
 
 @dataclass(frozen=True)
@@ -145,6 +203,28 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _numeric_arms(hint: Any) -> set[type]:
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return {arm for arm in arms if arm in (int, float)}
+
+
+def _as_number(value: Any, hint: Any) -> Any:
+    """Numbers written as strings ("3e-4", which YAML 1.1 reads as a string, "16", "inf") become numbers the same way
+    for every numeric field: parsed as a float, then made an int where the field is an int and the value is whole.
+    Whatever is not finite is left as a float for the finiteness check to refuse; other strings stay strings."""
+    arms = _numeric_arms(hint)
+    if not arms or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+    if isinstance(value, float) and int in arms and float not in arms and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -177,11 +257,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             if section is not None:
                 values[name] = section
             continue
-        if hint is float and isinstance(value, str):  # YAML reads 3e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _as_number(value, hint)
+        if isinstance(value, float) and not math.isfinite(value) and _numeric_arms(hint):
+            problems.append(f"{key} must be a finite number, got {value!r}")
+            continue
         if not _type_ok(value, hint):
             problems.append(f"{key} must be {_describe(hint)}, got {value!r}")
             continue
@@ -198,12 +277,14 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 def _cross_field_problems(params: Params) -> list[str]:
     problems = []
-    micro, effective = params.train.micro_batch_size, params.train.effective_batch_size
-    if micro != "auto" and effective % micro:
+    train = params.train
+    rows_per_pass = train.processes * (1 if train.micro_batch_size == "auto" else train.micro_batch_size)
+    if train.effective_batch_size % rows_per_pass:
         problems.append(
-            f"train.effective_batch_size ({effective}) must be a multiple of train.micro_batch_size ({micro})"
+            f"train.effective_batch_size ({train.effective_batch_size}) must be a multiple of train.micro_batch_size"
+            f" x train.processes ({train.micro_batch_size} x {train.processes})"
         )
-    if params.train.cuda_graphs and not params.train.compile:
+    if train.cuda_graphs and not train.compile:
         problems.append("train.cuda_graphs needs train.compile: true (the graphs replay the compiled blocks)")
     if params.model.quantization != "none" and params.model.compute_dtype == "float32":
         problems.append("model.compute_dtype must be float16 or bfloat16 when model.quantization is nf4 or fp4")
@@ -220,11 +301,40 @@ def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     return params
 
 
-def load_params(path: Path = PARAMS_FILE) -> Params:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {mark.line + 1}, column {mark.column + 1})", mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error or a duplicate key is one line naming file:line:column."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run from the repository root)") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = err.problem or err.context or "not valid YAML"
+        raise PipelineError(f"{where}: {problem.split(' (line')[0]}") from None
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    return parse_params(read_yaml(path), str(path))

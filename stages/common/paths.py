@@ -7,14 +7,15 @@ SUBSET_DIR = Path("data/subset")
 TOKENIZED_DIR = Path("data/tokenized")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("models/checkpoints")
+BASE_MODELS_DIR = Path("models/base")  # local base models (a DVC dep)
+EMBEDDERS_DIR = Path("models/embedder")  # local sentence embedders (a DVC dep)
 CURVES_DIR = Path("plots/curves")
 PLOTS_DIR = Path("plots")
+DATA_METRICS = Path("metrics/data.json")
 TRAIN_METRICS = Path("metrics/train.json")
 PERPLEXITY_METRICS = Path("metrics/perplexity.json")
 COSINE_METRICS = Path("metrics/cosine.json")
 GENERATIONS_REPORT = Path("reports/generations.md")
 RESULTS_REPORT = Path("reports/results.md")
 
-
-def package_zip(name: str) -> Path:
-    return Path("models") / f"{name}.zip"
+ADAPTER_ZIP = Path("models/adapter.zip")  # fixed: no param is ever part of an out path (dvc.yaml says why)
