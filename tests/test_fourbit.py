@@ -8,8 +8,8 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from stages.common import fourbit  # noqa: E402
-from stages.common.fourbit import code_table, dequantize, inline_4bit_layers  # noqa: E402
+from stages.finetuning import fourbit  # noqa: E402
+from stages.finetuning.fourbit import code_table, dequantize, inline_4bit_layers  # noqa: E402
 
 
 def quantized_linear(quant_type, dtype=torch.bfloat16, nested=False, seed=0, features=(256, 192)):

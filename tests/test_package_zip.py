@@ -68,3 +68,20 @@ def test_pickled_weights_alone_are_refused(tmp_path):
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
     with pytest.raises(PipelineError, match="adapter_model.safetensors missing"):
         write_zip(folder, tmp_path / "out.zip")
+
+
+def test_zip_bytes_do_not_depend_on_the_clock_file_times_or_folder(tmp_path, monkeypatch):
+    import os
+    import shutil
+    import time
+
+    folder = adapter_folder(tmp_path)
+    write_zip(folder, tmp_path / "a.zip")
+    elsewhere = shutil.copytree(folder, tmp_path / "far" / "away" / "adapter")
+    later = time.time() + 86_400  # a day later: another zip tick, another file mtime
+    for file in elsewhere.iterdir():
+        os.utime(file, (later, later))
+    monkeypatch.setattr(time, "time", lambda: later)
+    monkeypatch.setattr(time, "localtime", lambda *_: time.gmtime(later))
+    write_zip(elsewhere, tmp_path / "b.zip")
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()

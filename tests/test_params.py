@@ -3,22 +3,19 @@ import copy
 import pytest
 
 from stages.common.errors import PipelineError
-from stages.common.params import parse_params
+from stages.common.params import parse_params, with_overrides
 from tests.conftest import REPO, load_yaml
 
 DEFAULT = load_yaml(REPO / "params.yaml")
 
 
 def with_change(path: str, value) -> dict:
+    """DEFAULT with one dotted key set, or removed when `value` is KeyError."""
+    if value is not KeyError:
+        return with_overrides(DEFAULT, {path: value})
     raw = copy.deepcopy(DEFAULT)
-    *parents, last = path.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    if value is KeyError:
-        del node[last]
-    else:
-        node[last] = value
+    section, key = path.split(".")
+    del raw[section][key]
     return raw
 
 
@@ -185,7 +182,7 @@ def test_hostile_value_is_one_line_naming_the_key(path, value, message):
 )
 def test_numbers_written_as_strings_are_read_the_same_way_for_every_field(path, written, read):
     section, *rest = path.split(".")
-    node = parse_params(with_change(path, written)).to_dict()[section]
+    node = parse_params(with_change(path, written)).sections(section)[section]
     for key in rest:
         node = node[key]
     assert node == read and type(node) is type(read)

@@ -2,8 +2,8 @@ import math
 
 import torch
 
+from stages.common.perplexity import loss_sums, perplexities, response_mask
 from stages.common.tokenized import pad_batch
-from stages.evaluate_ppl import loss_sums, perplexities, response_mask
 
 
 def test_loss_sums_match_hand_computed_cross_entropy():

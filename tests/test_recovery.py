@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.dvc_project import env, make_project, run, set_params
 
@@ -80,6 +80,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
     assert process.wait() == -signal.SIGKILL
     assert not (project / "models/adapter").exists()  # nothing half-finished looks like a result
 
+    interrupted = project.parent / "interrupted-checkpoints"
+    shutil.copytree(project / "models/checkpoints", interrupted)
+
     resumed = run(project, "python", "-m", "stages.finetune")
     assert "resuming from models/checkpoints/checkpoint-" in resumed.stderr
     expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
@@ -89,6 +92,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["steps"] == json.loads((reference / "train.json").read_text())["steps"]
     assert 0 < metrics["resumed_from_step"] < metrics["steps"]
+
+    # Proof the run continued from the checkpoint's state, not from scratch (which gives the same adapter as an
+    # uninterrupted run): the same interrupted checkpoints with their LoRA weights moved give another adapter.
+    shutil.rmtree(project / "models/checkpoints")
+    shutil.copytree(interrupted, project / "models/checkpoints")
+    for saved in (project / "models/checkpoints").glob("checkpoint-*/adapter_model.safetensors"):
+        save_file({k: v + 0.5 for k, v in load_file(saved).items()}, saved, metadata={"format": "pt"})
+    run(project, "python", "-m", "stages.finetune")
+    moved = load_file(project / ADAPTER)
+    assert max((moved[name] - expected[name]).abs().max().item() for name in expected) > 0.1
 
 
 def test_two_processes_write_once_and_agree_with_one(project, reference):

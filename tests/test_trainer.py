@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
-from stages.common.trainer import TokenWeightedTrainer
+from stages.finetuning.trainer import TokenWeightedTrainer
 
 # (length, prompt length): answers of very different lengths, so a mean of per-batch means is off
 SHAPES = ((40, 2), (6, 3), (30, 25), (12, 1), (9, 4))

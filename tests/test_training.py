@@ -5,17 +5,14 @@ import pytest
 import torch
 from transformers import TrainerState
 
-from stages.common import training
-from stages.common.training import (
-    StepClock,
-    StepProfiler,
-    accumulation_steps,
-    checkpoint_to_resume,
-    compile_layers,
-    fits,
-    mark_complete,
-    pick_micro_batch,
-)
+from stages.finetuning import timing
+from stages.finetuning.batching import accumulation_steps, fits, pick_micro_batch
+from stages.finetuning.checkpoints import checkpoint_to_resume, mark_complete
+from stages.finetuning.compiled import compile_layers
+from stages.finetuning.runtime import Runtime
+from stages.finetuning.timing import StepClock, StepProfiler
+
+CPU = Runtime(rank=0, local_rank=0, world_size=1, cuda=False)
 
 
 @pytest.mark.parametrize(("micro", "processes", "accumulation"), [(2, 1, 8), (16, 1, 1), (8, 2, 1), (2, 2, 4)])
@@ -23,14 +20,9 @@ def test_effective_batch_is_kept_whatever_the_split(micro, processes, accumulati
     assert accumulation_steps(16, micro, processes) == accumulation
 
 
-def test_effective_batch_that_does_not_split_is_an_error():
-    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x processes"):
-        accumulation_steps(16, 3, 2)
-
-
 def test_auto_micro_batch_on_cpu_is_the_whole_per_process_batch():
-    assert pick_micro_batch(None, "auto", 16, 2, 128, "fp32") == 8
-    assert pick_micro_batch(None, 4, 16, 1, 128, "fp32") == 4
+    assert pick_micro_batch(None, "auto", 16, Runtime(0, 0, 2, cuda=False), 128, "fp32") == 8
+    assert pick_micro_batch(None, 4, 16, CPU, 128, "fp32") == 4
 
 
 def test_resume_takes_the_last_complete_checkpoint_of_the_same_run(tmp_path):
@@ -100,13 +92,10 @@ def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):
 
     import torch
 
-    from stages.common.training import use_all_cpu_cores
-
-    monkeypatch.setenv("WORLD_SIZE", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        use_all_cpu_cores()
+        CPU.use_cpu_cores()
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(previous)
@@ -115,7 +104,7 @@ def test_cpu_training_uses_every_core_even_under_accelerate(monkeypatch):
 def test_step_clock_splits_warm_up_steady_steps_and_evaluation(monkeypatch):
     # train begins at 0; steps end at 10 (warm-up), 11, 12, 13; evaluation ends at 18
     times = iter([0.0, 10.0, 11.0, 12.0, 13.0, 18.0])
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(times))
     clock, state = StepClock(), TrainerState(max_steps=4)
     clock.callback.on_train_begin(None, None, None)
     for state.global_step in range(1, 5):
@@ -133,7 +122,7 @@ def test_step_clock_splits_warm_up_steady_steps_and_evaluation(monkeypatch):
 def test_step_clock_measures_steady_steps_after_the_slow_ones(monkeypatch):
     # steps 2 and 3 are slow (profiled, or CUDA graphs recorded): steady time is over steps 4 and 5 only
     times = iter([0.0, 10.0, 15.0, 20.0, 21.0, 22.0])
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(times))
     clock, state = StepClock(steady_from=3), TrainerState(max_steps=5)
     clock.callback.on_train_begin(None, None, None)
     for state.global_step in range(1, 6):
@@ -176,18 +165,17 @@ def test_step_profiler_of_a_run_that_ends_inside_the_profiled_steps_reports_them
 
 
 def test_each_process_profiles_to_its_own_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(training.PROFILE_ENV, str(tmp_path / "ddp.txt"))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert training.step_profiler().report == tmp_path / "ddp.rank1.txt"
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "0")
-    assert training.step_profiler().report == tmp_path / "ddp.txt"
+    monkeypatch.setenv(timing.PROFILE_ENV, str(tmp_path / "ddp.txt"))
+    assert (
+        timing.step_profiler(Runtime(rank=1, local_rank=1, world_size=2, cuda=False)).report
+        == tmp_path / "ddp.rank1.txt"
+    )
+    assert timing.step_profiler(CPU).report == tmp_path / "ddp.txt"
 
 
 def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):
     times = itertools.count(0.0, 2.0)
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(times))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(times))
     clock, state = StepClock(), TrainerState(max_steps=1, global_step=1)
     clock.callback.on_train_begin(None, None, None)
     clock.callback.on_step_end(None, state, None)

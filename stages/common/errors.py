@@ -22,10 +22,9 @@ def _stamp_elapsed(record: logging.LogRecord) -> bool:
 def _fail(line: str, code: int) -> None:
     """Print the one error line on a line of its own (progress bars still open would have it follow their last
     update on the same line) and exit with `code`."""
-    from tqdm import tqdm
+    from stages.common.fragile import close_progress_bars
 
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
+    close_progress_bars()
     print(line, file=sys.stderr)
     sys.exit(code)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from stages.common.errors import PipelineError
+from stages.common.fragile import unlabel_dequantized_gguf
 from stages.common.params import ModelParams
 from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR
 
@@ -167,9 +168,7 @@ def load_base_model(params: ModelParams) -> Any:
     started = time.perf_counter()
     model = _load(AutoModelForCausalLM, params, "model", **extra)
     if from_gguf:
-        # GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
-        # refuses to train a model so labelled.
-        model.hf_quantizer, model.is_quantized = None, False
+        unlabel_dequantized_gguf(model)
     model.config.use_cache = False
     fuse_activations(model)
     total = sum(p.numel() for p in model.parameters())

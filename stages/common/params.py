@@ -6,6 +6,7 @@ reported in one line naming each dotted key, before any model or data is touched
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -181,8 +182,10 @@ class Params:
     plot: PlotParams
     package: PackageParams
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def sections(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain dicts: what a stage records of its own params (only those it declares in
+        dvc.yaml, so an edit elsewhere neither reruns it nor leaves its record stale)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in names}
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -289,6 +292,19 @@ def _cross_field_problems(params: Params) -> list[str]:
     if params.model.quantization != "none" and params.model.compute_dtype == "float32":
         problems.append("model.compute_dtype must be float16 or bfloat16 when model.quantization is nf4 or fp4")
     return problems
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A deep copy of a params tree with each dotted key (`train.learning_rate`, as `dvc exp run -S` names them) set
+    to its value: the one helper the bench and the tests use to vary params."""
+    tree = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
 
 
 def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:

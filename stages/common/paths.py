@@ -4,7 +4,9 @@ from pathlib import Path
 
 RAW_DIR = Path("data/raw")
 SUBSET_DIR = Path("data/subset")
+SUBSET_SOURCE = SUBSET_DIR / "source.json"  # the data params the subset was drawn with
 TOKENIZED_DIR = Path("data/tokenized")
+PROVENANCE = TOKENIZED_DIR / "provenance.json"  # data and tokenize params behind the tokenized rows
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("models/checkpoints")
 BASE_MODELS_DIR = Path("models/base")  # local base models (a DVC dep)

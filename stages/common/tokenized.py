@@ -1,4 +1,4 @@
-"""The tokenized data set on disk (data/tokenized/) and how its rows become padded batches.
+"""The tokenized data set on disk (data/tokenized/): how a record becomes a row, and rows become padded batches.
 
 Rows are stored unpadded ({input_ids, labels, prompt_len}); meta.json records the choices tokenize made (pad
 id, label padding, target length) so that finetune and the evaluations pad exactly as tokenize intended.
@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from stages.common.io import read_json, read_jsonl
+from stages.common.params import TokenizeParams
 from stages.common.paths import TOKENIZED_DIR
+from stages.common.prompt import format_prompt
 
 IGNORE_INDEX = -100
 
@@ -28,6 +30,18 @@ class TokenizedMeta:
     @property
     def label_pad(self) -> int:
         return self.pad_token_id if self.loss_mask == "full" else IGNORE_INDEX
+
+
+def tokenize_record(record: dict[str, str], tokenizer: Any, params: TokenizeParams) -> dict[str, Any]:
+    """One row: prompt ids then answer ids + eos, cut at max_length; labels follow `params.loss_mask`."""
+    prompt_ids = tokenizer(format_prompt(record["instruction"], record["input"]))["input_ids"]
+    answer_ids = tokenizer(record["output"].strip(), add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[: params.max_length]
+    prompt_len = min(len(prompt_ids), params.max_length)
+    labels = list(input_ids)
+    if params.loss_mask == "completion":
+        labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
+    return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 
 
 def load_split(name: str, directory: Path = TOKENIZED_DIR) -> list[dict[str, Any]]:

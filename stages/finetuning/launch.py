@@ -51,8 +51,13 @@ def _last_error(log: Path) -> str | None:
     return errors[-1] if errors else (lines[-1] if lines else None)
 
 
-def run_processes(processes: int, module: str, gpus: int) -> int:
-    """Run `python -m module` in `processes` processes; when one fails the others are stopped. Returns the exit code."""
+def run_processes(processes: int, module: str, gpus: int | None = None) -> int:
+    """Run `python -m module` in `processes` processes, one per GPU when there are GPUs (`gpus`: how many; counted
+    when not given); when one fails the others are stopped. Returns the exit code."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
         raise PipelineError(f"train.processes is {processes} but this machine has {gpus} GPU(s)")
     port = _free_port()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from stages.common.fragile import mark_static_address, swap_class
+
 log = logging.getLogger("pipeline")
 
 
@@ -94,8 +96,6 @@ def inline_4bit_layers(model: Any) -> int:
     for layer in layers:
         state = layer.weight.quant_state
         layer.register_buffer("code_table", code_table(state.quant_type, layer.weight.device), persistent=False)
-        # The block scales are a plain attribute, not a parameter or buffer: unmarked, a CUDA-graphed block copies
-        # them into the graph's own memory on every replay (~380 copies per Phi-2 step). They never move.
-        torch._dynamo.mark_static_address(state.absmax)
-        layer.__class__ = _torch_class(type(layer))
+        mark_static_address(state.absmax)  # a plain attribute that never moves: see stages/common/fragile.py
+        swap_class(layer, _torch_class(type(layer)))
     return len(layers)

@@ -1,0 +1,171 @@
+"""The training loop, behind one seam: `fit(model, data, params, runtime)` trains and returns what happened. It is the
+one module that knows the Hugging Face Trainer (its arguments, callbacks, checkpoints and resume), so swapping the
+loop for another touches this module only."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stages.common.fragile import limit_trainer_to_one_gpu
+from stages.common.params import Params
+from stages.common.paths import CHECKPOINT_DIR
+from stages.common.tokenized import Collator, TokenizedMeta, load_meta, load_split
+from stages.finetuning.batching import accumulation_steps, pick_micro_batch
+from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
+from stages.finetuning.compiled import copy_graphed_gradients
+from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.runtime import Runtime
+from stages.finetuning.timing import StepClock, step_profiler
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    meta: TokenizedMeta
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls) -> TrainingData:
+        """data/tokenized/ as tokenize wrote it."""
+        return cls(load_meta(), load_split("train"), load_split("eval"))
+
+    def digest(self) -> bytes:
+        """What identifies this data for resuming: a checkpoint of a run on other rows is not resumed."""
+        content = json.dumps([dataclasses.asdict(self.meta), self.train, self.eval], sort_keys=True)
+        return hashlib.sha256(content.encode()).digest()
+
+
+@dataclass(frozen=True)
+class FitResult:
+    log_history: list[dict[str, Any]]  # the Trainer's: losses, learning rate, grad norm per logged step
+    run_loss: float  # mean train loss of the run over the processes
+    steps: int
+    epochs: float
+    micro_batch_size: int
+    accumulation: int
+    resumed_from: int  # 0 unless a killed run was resumed from checkpoint-<step>
+    train_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # warm-up, steady step, eval, probe seconds
+
+
+def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime) -> FitResult:
+    train = params.train
+    probe_started = time.perf_counter()
+    micro = pick_micro_batch(
+        model, train.micro_batch_size, train.effective_batch_size, runtime, data.meta.max_length, train.precision
+    )
+    probe_seconds = time.perf_counter() - probe_started
+    args = training_arguments(params, micro, runtime)
+    if train.cuda_graphs and args.gradient_accumulation_steps > 1:
+        copy_graphed_gradients(model)
+    log_plan(len(data.train), micro, args.gradient_accumulation_steps, runtime, params)
+    profiler = step_profiler(runtime)
+    # CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
+    steady_from = max(profiler.first + profiler.count if profiler else 1, 2 if train.cuda_graphs else 1)
+    clock = StepClock(steady_from, runtime.cuda)
+    trainer = build_trainer(model, args, data, micro if train.compile else None, [clock.callback, profiler])
+    if runtime.cuda:
+        torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
+    with args.main_process_first(desc="checkpoints"):  # rank 0 clears stale checkpoints before others look
+        resume = checkpoint_to_resume(CHECKPOINT_DIR, run_fingerprint(params, data.digest()))
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    run_loss = trainer.mean_over_processes(result.training_loss)
+    check_finite_weights(model, run_loss, trainer.state.global_step)
+    return FitResult(
+        log_history=trainer.state.log_history,
+        run_loss=run_loss,
+        steps=trainer.state.global_step,
+        epochs=args.num_train_epochs,
+        micro_batch_size=micro,
+        accumulation=args.gradient_accumulation_steps,
+        resumed_from=int(resume.rpartition("-")[2]) if resume else 0,
+        train_seconds=seconds,
+        timings=clock.summary() | {"probe_seconds": round(probe_seconds, 2)},  # the probe also pays compilation
+    )
+
+
+def build_trainer(model: Any, args: Any, data: TrainingData, batch_rows: int | None, callbacks: list) -> Any:
+    """The Trainer with this pipeline's evaluation (token-weighted) and collation (padding as tokenize said; with
+    `batch_rows`, short batches filled up to one shape for the compiled blocks), failing on a non-finite loss."""
+    from stages.finetuning.trainer import TokenWeightedTrainer
+
+    return TokenWeightedTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=Collator(data.meta, batch_rows=batch_rows),
+        callbacks=[finite_loss_callback(), *(c.callback if hasattr(c, "callback") else c for c in callbacks if c)],
+    )
+
+
+def log_plan(rows: int, micro: int, accumulation: int, runtime: Runtime, params: Params) -> None:
+    batches = math.ceil(rows / (micro * runtime.world_size))
+    steps = math.ceil(batches / accumulation) * math.ceil(params.train.epochs)
+    if runtime.world_size != params.train.processes:
+        log.warning(
+            "train.processes is %d but %d process(es) were launched: the launcher's count wins",
+            params.train.processes,
+            runtime.world_size,
+        )
+    log.info(
+        "%d rows, micro-batch %d x accumulation %d x %d process(es) = %d rows per optimizer step, %d steps",
+        rows,
+        micro,
+        accumulation,
+        runtime.world_size,
+        params.train.effective_batch_size,
+        steps,
+    )
+
+
+def training_arguments(params: Params, micro: int, runtime: Runtime) -> Any:
+    from transformers import TrainingArguments
+
+    train = params.train
+    args = TrainingArguments(
+        output_dir=str(CHECKPOINT_DIR),
+        per_device_train_batch_size=micro,
+        # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
+        # fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
+        per_device_eval_batch_size=4 * micro,
+        gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, runtime.world_size),
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,
+        fp16=train.precision == "fp16",
+        bf16=train.precision == "bf16",
+        logging_steps=train.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        seed=train.seed,
+        data_seed=train.seed,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        logging_nan_inf_filter=False,  # the filter reads the loss on the host every step: a sync per step
+        dataloader_num_workers=2 if runtime.cuda else 0,  # collate off the GPU's critical path
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=not runtime.cuda,
+        # Every LoRA weight takes part in every forward. Left unset, the Trainer (which does not recognise a peft
+        # model as a transformers one) asks DDP to search the autograd graph for unused weights after each forward.
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,  # the only buffers (rotary tables) are constants: no broadcast per forward
+    )
+    if runtime.world_size == 1:
+        limit_trainer_to_one_gpu(args)
+    return args

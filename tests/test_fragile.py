@@ -1,0 +1,41 @@
+"""Canaries for stages/common/fragile.py: each private or version-fragile call still does what the pipeline relies
+on. A library upgrade that changes one fails here, by name, before it silently changes a run."""
+
+import torch
+
+from stages.common.fragile import limit_trainer_to_one_gpu, mark_static_address, unlabel_dequantized_gguf
+from tests.conftest import SMOLLM2
+
+
+def test_trainer_gpu_count_is_what_limit_trainer_to_one_gpu_sets(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args._n_gpu = 2  # what the Trainer computes on a 2-GPU machine for a single process
+    assert args.n_gpu == 2
+    limit_trainer_to_one_gpu(args)
+    assert args.n_gpu == 1
+
+
+def test_a_gguf_base_is_trainable(tmp_path):
+    """transformers labels a model loaded from GGUF as quantized, and the Trainer refuses to train such a model."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from stages.common.models import resolve_model
+
+    source = resolve_model(SMOLLM2)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="quantized"):
+        Trainer(model=get_peft_model(model, lora), args=args)
+    unlabel_dequantized_gguf(model)
+    Trainer(model=get_peft_model(model, lora), args=args)
+
+
+def test_static_address_marking_exists():
+    tensor = torch.ones(4)
+    mark_static_address(tensor)  # fails if torch drops or renames the private API
+    assert torch.equal(tensor, torch.ones(4))
