@@ -349,6 +349,7 @@ class Pipeline:
         stage_s, output = self.run("finetune", overrides, memory_gib, trace)
         self.keep_log(f"finetune, {label}", stage_s, output)
         metrics = json.loads((self.root / "metrics/train.json").read_text())
+        metrics |= json.loads((self.root / "reports/train_run.json").read_text())  # timings live in the report
         params = self.params(overrides)
         steps, rows_per_step = metrics["steps"], params["train"]["effective_batch_size"]
         whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)

@@ -3,8 +3,9 @@
     python -m stages.finetune        # as dvc.yaml runs it; with train.processes > 1 it starts the processes itself
 
 Reads data/tokenized/; writes models/adapter/ (adapter, tokenizer, resolved params.json, model card),
-metrics/train.json and the loss curves under plots/curves/. Checkpoints go to models/checkpoints/ every epoch; a run
-killed mid-way resumes from the last one when params, data and code are unchanged. The parts live in
+metrics/train.json (model figures), reports/train_run.json (timings) and the loss curves under plots/curves/.
+Checkpoints go to models/checkpoints/ every epoch; a run killed mid-way resumes from the last one when params, data
+and code are unchanged. The parts live in
 stages/finetuning/: launch (processes), runtime, model (base + LoRA + compile), loop (the Trainer, behind `fit`),
 outputs (what is saved); batching, compiled, fourbit, checkpoints, timing and guards serve the loop.
 """

@@ -1,5 +1,7 @@
 """What a finished run leaves: the adapter folder (weights, tokenizer, resolved params, model card), the training
-curves, metrics/train.json, and its checkpoints marked complete. Only the main process calls this."""
+curves, metrics/train.json (model figures), reports/train_run.json (timings, throughput, memory: not a metric, so
+`dvc metrics diff` shows only what changed the model), and its checkpoints marked complete. Only the main process
+calls this."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from stages.common.io import atomic_path, read_json, write_json
 from stages.common.model_card import model_card
 from stages.common.params import Params
-from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, PROVENANCE, TRAIN_METRICS
+from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, PROVENANCE, TRAIN_METRICS, TRAIN_REPORT
 from stages.finetuning.checkpoints import mark_complete
 from stages.finetuning.loop import FitResult, TrainingData
 from stages.finetuning.runtime import Runtime
@@ -24,17 +26,18 @@ log = logging.getLogger("pipeline")
 def save_outputs(
     model: Any, tokenizer: Any, params: Params, result: FitResult, data: TrainingData, runtime: Runtime
 ) -> None:
-    metrics = training_metrics(result, model, data, runtime)
+    metrics, run = training_metrics(result, model), run_report(result, data, runtime)
     log.info(
         "train loss %s, eval loss %s, %.0f tokens/s",
         metrics["train_loss"],
         metrics["eval_loss"],
-        metrics["tokens_per_second"],
+        run["tokens_per_second"],
     )
     forget_previous_results()
     save_adapter(model, tokenizer, params)
     with atomic_path(CURVES_DIR, directory=True) as tmp:
         write_curves(result.log_history, tmp)
+    write_json(TRAIN_REPORT, run)
     write_json(TRAIN_METRICS, metrics)
     mark_complete(CHECKPOINT_DIR)
 
@@ -53,16 +56,15 @@ def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
 def forget_previous_results() -> None:
     """The last run's curves and metrics go before this run's adapter is written: a crash between the writes then
     leaves a missing file, never this run's adapter beside another run's figures."""
-    for stale in (TRAIN_METRICS, CURVES_DIR / "train.csv", CURVES_DIR / "eval.csv"):
+    for stale in (TRAIN_METRICS, TRAIN_REPORT, CURVES_DIR / "train.csv", CURVES_DIR / "eval.csv"):
         stale.unlink(missing_ok=True)
 
 
-def training_metrics(result: FitResult, model: Any, data: TrainingData, runtime: Runtime) -> dict[str, Any]:
+def training_metrics(result: FitResult, model: Any) -> dict[str, Any]:
+    """What the run made of the model, nothing that depends on the machine or on an interruption: `dvc metrics diff`
+    between two runs of the same inputs prints nothing."""
     train_losses = [e["loss"] for e in result.log_history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in result.log_history if "eval_loss" in e]
-    # tokens this process's run trained on: a resumed run did only the steps after its checkpoint
-    share = (result.steps - result.resumed_from) / max(result.steps, 1)
-    tokens = sum(len(r["input_ids"]) for r in data.train) * result.epochs * share
     trainable, total = model.get_nb_trainable_parameters()
     return {
         # the last logged loss; a run shorter than logging_steps logs none, so its mean loss stands in
@@ -70,6 +72,17 @@ def training_metrics(result: FitResult, model: Any, data: TrainingData, runtime:
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": result.steps,
         "epochs": result.epochs,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def run_report(result: FitResult, data: TrainingData, runtime: Runtime) -> dict[str, Any]:
+    """How this run went on this machine: batch split, timings, throughput, memory, resume."""
+    # tokens this process's run trained on: a resumed run did only the steps after its checkpoint
+    share = (result.steps - result.resumed_from) / max(result.steps, 1)
+    tokens = sum(len(r["input_ids"]) for r in data.train) * result.epochs * share
+    return {
         "micro_batch_size": result.micro_batch_size,
         "gradient_accumulation_steps": result.accumulation,
         "processes": runtime.world_size,
@@ -77,8 +90,6 @@ def training_metrics(result: FitResult, model: Any, data: TrainingData, runtime:
         "train_seconds": round(result.train_seconds, 2),
         "tokens_per_second": round(tokens / result.train_seconds, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if runtime.cuda else 0.0,
-        "trainable_params": trainable,
-        "total_params": total,
     } | result.timings
 
 
