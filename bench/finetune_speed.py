@@ -348,7 +348,8 @@ class Pipeline:
         trace = self.traces / f"{name}.txt" if self.traces and profile else None
         stage_s, output = self.run("finetune", overrides, memory_gib, trace)
         self.keep_log(f"finetune, {label}", stage_s, output)
-        metrics = json.loads((self.root / "metrics/train.json").read_text())
+        live = json.loads((self.root / "dvclive/metrics.json").read_text())  # dvclive's summary: the model figures
+        metrics = {"steps": live["step"], "train_loss": live["train"]["loss"], "eval_loss": live["eval"]["loss"]}
         metrics |= json.loads((self.root / "reports/train_run.json").read_text())  # timings live in the report
         params = self.params(overrides)
         steps, rows_per_step = metrics["steps"], params["train"]["effective_batch_size"]

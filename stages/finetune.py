@@ -3,11 +3,11 @@
     python -m stages.finetune        # as dvc.yaml runs it; with train.processes > 1 it starts the processes itself
 
 Reads data/tokenized/; writes models/adapter/ (adapter, tokenizer, resolved params.json, model card),
-metrics/train.json (model figures), reports/train_run.json (timings) and the loss curves under plots/curves/.
+dvclive/ (live curves and the model figures, metrics.json) and reports/train_run.json (timings).
 Checkpoints go to models/checkpoints/ every epoch; a run killed mid-way resumes from the last one when params, data
 and code are unchanged. The parts live in
 stages/finetuning/: launch (processes), runtime, model (base + LoRA + compile), loop (the Trainer, behind `fit`),
-outputs (what is saved); batching, compiled, fourbit, checkpoints, timing and guards serve the loop.
+outputs (what is saved), live (dvclive); batching, compiled, fourbit, checkpoints, timing and guards serve the loop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from stages.common.errors import run_stage
 from stages.common.params import load_params
 from stages.finetuning.launch import inside_launched_job, run_processes
+from stages.finetuning.live import live_metrics
 from stages.finetuning.loop import TrainingData, fit
 from stages.finetuning.model import build_model
 from stages.finetuning.outputs import save_outputs
@@ -31,9 +32,10 @@ def main() -> None:
     runtime.use_cpu_cores()
     data = TrainingData.load()
     model, tokenizer = build_model(params, runtime)
-    result = fit(model, data, params, runtime)
-    if runtime.is_main:
-        save_outputs(model, tokenizer, params, result, data, runtime)
+    live = live_metrics() if runtime.is_main else None
+    result = fit(model, data, params, runtime, live)
+    if live:
+        save_outputs(model, tokenizer, params, result, data, runtime, live)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python -m stages.plot
 
-Reads metrics/{perplexity,cosine,train}.json and plots/curves/{train,eval}.csv; writes plots/perplexity.png (base
+Reads metrics/{perplexity,cosine}.json and dvclive's summary and loss curves (dvclive/metrics.json,
+dvclive/plots/metrics/{train,eval}/loss.tsv); writes plots/perplexity.png (base
 blue, fine-tuned orange, both perplexity kinds, values on the bars), plots/loss.png, plots/perplexity.csv (the
 table behind `dvc plots show` / `dvc plots diff`, declared in dvc.yaml) and reports/results.md (the README's
 results section is a copy of it; tests/test_readme.py keeps them equal).
@@ -39,7 +40,7 @@ KIND_LABELS = {"seed": "seed-comparable\n(all positions, padding included)", "re
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
     try:
         with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = list(csv.DictReader(handle, delimiter="\t"))
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run finetune first") from None
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
@@ -70,7 +71,7 @@ def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:
 def loss_chart(target: Path, dpi: int) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, style in (("train", "-"), ("eval", "o--")):
-        steps, losses = read_curve(CURVES_DIR / f"{name}.csv")
+        steps, losses = read_curve(CURVES_DIR / name / "loss.tsv")
         ax.plot(steps, losses, style, label=f"{name} loss")
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -109,8 +110,8 @@ def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
         "",
         f"Mean cosine similarity of base vs fine-tuned generations: **{cosine['mean']:.3f}** over "
         f"{cosine['prompts']} prompts. Perplexity over {perplexity['rows']} held-out rows "
-        f"({perplexity['tokens']['response']} answer tokens). Training: {train['steps']} optimizer steps, "
-        f"final train loss {train['train_loss']:.3f}, eval loss {train['eval_loss']:.3f}.",
+        f"({perplexity['tokens']['response']} answer tokens). Training: {train['step']} optimizer steps, "
+        f"final train loss {train['train']['loss']:.3f}, eval loss {train['eval']['loss']:.3f}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import zipfile
@@ -24,11 +25,16 @@ def project(tmp_path_factory, tiny_model_dir):
 def test_first_repro_runs_all_seven_stages(project):
     result = run(project, "dvc", "repro")
     assert stages_run(result) == ALL_STAGES
+    # a quiet console: no library warning a user cannot act on, and every stage says what its first pause is
+    output = result.stdout + result.stderr
+    assert not re.search(r"Warning|warnings\.warn", output), output
+    assert all(f"[{stage}] starting: importing libraries" in output for stage in ALL_STAGES)
     for out in (
         "models/adapter/adapter_model.safetensors",
         "metrics/perplexity.json",
         "metrics/cosine.json",
-        "metrics/train.json",
+        "dvclive/metrics.json",
+        "dvclive/plots/metrics/train/loss.tsv",
         "plots/perplexity.png",
         "reports/generations.md",
         "models/adapter.zip",
@@ -53,11 +59,12 @@ def test_two_clones_in_different_folders_give_the_same_bytes_for_every_out(proje
     assert first.keys() == second.keys() and "models/checkpoints" in first and "models/adapter.zip" in first
     differing = {path for path in first if first[path] != second[path]}
     assert differing <= {"reports/train_run.json"}, differing
-    for metrics in (project / "metrics").iterdir():  # the other run's metrics in this workspace, against HEAD
-        shutil.copy(other / "metrics" / metrics.name, metrics)
+    metric_files = [*(project / "metrics").iterdir(), project / "dvclive/metrics.json"]
+    for metrics in metric_files:  # the other run's metrics in this workspace, against HEAD
+        shutil.copy(other / metrics.relative_to(project), metrics)
     assert run(project, "dvc", "metrics", "diff").stdout.strip() == ""
     assert json.loads(run(project, "dvc", "metrics", "diff", "--json").stdout) == {}
-    run(project, "git", "checkout", "--", "metrics")
+    run(project, "git", "checkout", "--", "metrics", "dvclive")
     for root in (project, other):
         for path in first:
             files = [root / path] if (root / path).is_file() else sorted((root / path).rglob("*"))
@@ -87,7 +94,7 @@ def test_lora_rank_reruns_finetune_and_what_follows(project):
 
 def test_metrics_diff_shows_the_changed_metrics(project):
     diff = json.loads(run(project, "dvc", "metrics", "diff", "--json").stdout)
-    assert "metrics/perplexity.json" in diff and "metrics/train.json" in diff
+    assert "metrics/perplexity.json" in diff and "dvclive/metrics.json" in diff
     changed = diff["metrics/perplexity.json"]["finetuned.response"]
     assert changed["old"] != changed["new"]
 

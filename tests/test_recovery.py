@@ -35,6 +35,14 @@ def project(tmp_path_factory, tiny_model_dir):
     return root
 
 
+def curve_files(root) -> list:
+    return sorted((root / "dvclive/plots/metrics").rglob("*.tsv"))
+
+
+def curve_rows(path) -> list[tuple[int, str]]:
+    return [(int(line.split("\t")[0]), line.split("\t")[1]) for line in path.read_text().splitlines()[1:]]
+
+
 def clear_training_outputs(root) -> None:
     for out in ("models/adapter", "models/checkpoints"):
         shutil.rmtree(root / out, ignore_errors=True)
@@ -54,7 +62,7 @@ def reference(project, tmp_path_factory):
     fresh_finetune(project)
     keep = tmp_path_factory.mktemp("reference")
     shutil.copy(project / ADAPTER, keep / "adapter.safetensors")
-    shutil.copy(project / "metrics/train.json", keep / "train.json")
+    shutil.copytree(project / "dvclive", keep / "dvclive")
     shutil.copy(project / "reports/train_run.json", keep / "train_run.json")
     return keep
 
@@ -90,10 +98,24 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
     assert expected.keys() == got.keys()
     for name in expected:
         assert (expected[name] - got[name]).abs().max().item() < 1e-6, name
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    assert metrics == json.loads((reference / "train.json").read_text())  # losses within float noise are equal here
+    # dvclive's summary and curves: losses within float noise are equal here; the curves continue from the
+    # checkpoint with neither a gap nor a repeated step
+    assert (project / "dvclive/metrics.json").read_text() == (reference / "dvclive/metrics.json").read_text()
+    assert [p.relative_to(project) for p in curve_files(project)] == [
+        p.relative_to(reference) for p in curve_files(reference)
+    ]
+    resumed_at = json.loads((project / "reports/train_run.json").read_text())["resumed_from_step"]
+    for curve, reference_curve in zip(curve_files(project), curve_files(reference), strict=True):
+        got_rows, expected_rows = curve_rows(curve), curve_rows(reference_curve)
+        assert [step for step, _ in got_rows] == [step for step, _ in expected_rows], curve
+        # the first train log after the resume averages only the steps since the resume (the Trainer restarts its
+        # running loss there); every other point is the uninterrupted run's
+        first_after = min((step for step, _ in got_rows if step > resumed_at), default=None)
+        for (step, value), (_, want) in zip(got_rows, expected_rows, strict=True):
+            if not (curve.parent.name == "train" and curve.name == "loss.tsv" and step == first_after):
+                assert value == want, (curve, step)
     run_report = json.loads((project / "reports/train_run.json").read_text())
-    assert 0 < run_report["resumed_from_step"] < metrics["steps"]
+    assert 0 < run_report["resumed_from_step"] < json.loads((project / "dvclive/metrics.json").read_text())["step"]
 
     # Proof the run continued from the checkpoint's state, not from scratch (which gives the same adapter as an
     # uninterrupted run): the same interrupted checkpoints with their LoRA weights moved give another adapter.
@@ -109,17 +131,21 @@ def test_killed_run_resumes_from_its_last_checkpoint(project, reference):
 def test_two_processes_write_once_and_agree_with_one(project, reference):
     result = fresh_finetune(project, processes=2)
     log = result.stdout + result.stderr
-    assert log.count("wrote models/adapter") == 1 and log.count("wrote metrics/train.json") == 1
-    two, one = (json.loads(p.read_text()) for p in (project / "metrics/train.json", reference / "train.json"))
+    assert log.count("wrote models/adapter") == 1 and log.count("wrote dvclive/metrics.json") == 1
+    two, one = (json.loads((root / "dvclive/metrics.json").read_text()) for root in (project, reference))
+    # only the main process logs: every step once in every curve
+    for curve in curve_files(project):
+        steps = [line.split("\t")[0] for line in curve.read_text().splitlines()[1:]]
+        assert len(steps) == len(set(steps)) and steps, curve
     two_run, one_run = (
         json.loads(p.read_text()) for p in (project / "reports/train_run.json", reference / "train_run.json")
     )
     assert (two_run["processes"], one_run["processes"]) == (2, 1)
-    assert two["steps"] == one["steps"]  # same effective batch: 16 rows per optimizer step either way
+    assert two["step"] == one["step"]  # same effective batch: 16 rows per optimizer step either way
     assert two_run["gradient_accumulation_steps"] * 2 == one_run["gradient_accumulation_steps"]
     # eval loss is token-weighted over the whole split: the same figure whatever the process count
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
     # The weights are not compared value by value: each process draws its own LoRA dropout masks, which moves the
     # updates by ~10% (the losses above agree to 1e-4); the adapter has the same tensors.
     expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
@@ -136,5 +162,5 @@ def test_two_processes_report_the_run_loss_of_one_when_no_step_logs(tmp_path_fac
     losses = {}
     for processes in (1, 2):
         fresh_finetune(root, processes)
-        losses[processes] = json.loads((root / "metrics/train.json").read_text())["train_loss"]
+        losses[processes] = json.loads((root / "dvclive/metrics.json").read_text())["train"]["loss"]
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)

@@ -110,7 +110,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_adapter(project):
     line = one_error_line(run(project, "dvc", "repro", check=False))
     assert "training diverged: loss nan at optimizer step 1; no adapter was saved" in line
     assert not (project / "models/adapter").exists()
-    assert not (project / "metrics/train.json").exists()
+    assert not (project / "dvclive/metrics.json").exists()
     assert (project / "models/adapter.zip").read_bytes() == zip_before  # nothing after finetune ran
 
 
@@ -123,7 +123,7 @@ def test_a_failed_stages_previous_outputs_come_back_with_checkout(project):
     run(project, "dvc", "repro", check=False)
     assert not (project / "models/adapter").exists()
     (project / TINY_MODEL / "model.safetensors").write_bytes(model_before)  # undo the change
-    run(project, "git", "checkout", "--", "dvc.lock", "metrics", "plots", "reports")  # tokenize ran and was locked
+    run(project, "git", "checkout", "--", "dvc.lock", "metrics", "plots", "reports", "dvclive")  # tokenize was locked
     run(project, "dvc", "checkout", "--force")  # --force: the failed run wrote to the persisted checkpoints folder
     assert (project / "models/adapter/adapter_model.safetensors").read_bytes() == before
     assert "up to date" in run(project, "dvc", "status").stdout.lower()

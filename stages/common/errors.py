@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 log = logging.getLogger("pipeline")
@@ -35,6 +36,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[{name} %(elapsed)s] %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_stamp_elapsed)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning on every
+    # run that no user can act on (tests/test_e2e_dvc.py checks a whole run prints no warning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     started = time.perf_counter()
     try:
         main()

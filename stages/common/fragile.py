@@ -9,6 +9,8 @@ tests/test_trainer.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,3 +57,28 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+@contextmanager
+def dvclive_never_inits_a_repo() -> Iterator[None]:
+    """dvclive's `Live()` runs `dvc init` in the enclosing git repository when no DVC repository holds the working
+    directory (a stage run by hand in a plain checkout or copy); a stage never writes outside its outs, so there
+    `Live` is shown no repository (its module-level `get_dvc_repo`) and just writes its files. Guarded by
+    tests/test_live.py::test_live_outside_a_dvc_repo_creates_none."""
+    import dvclive.live
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        Repo.find_root()
+    except NotDvcRepoError:
+        pass
+    else:
+        yield
+        return
+    original = dvclive.live.get_dvc_repo
+    dvclive.live.get_dvc_repo = lambda: None
+    try:
+        yield
+    finally:
+        dvclive.live.get_dvc_repo = original

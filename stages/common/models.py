@@ -165,6 +165,7 @@ def load_base_model(params: ModelParams) -> Any:
     from_gguf = resolve_model(params.name).gguf_file is not None
     if not from_gguf:
         extra["use_safetensors"] = True  # never unpickle weights: a .bin checkpoint can run code when loaded
+    log.info("loading %s ...", params.name)
     started = time.perf_counter()
     model = _load(AutoModelForCausalLM, params, "model", **extra)
     if from_gguf:

@@ -59,7 +59,8 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)  # warm-up, steady step, eval, probe seconds
 
 
-def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime) -> FitResult:
+def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: Any = None) -> FitResult:
+    """Train; `live` (a Trainer callback, main process only) gets the logged metrics as they come."""
     train = params.train
     probe_started = time.perf_counter()
     micro = pick_micro_batch(
@@ -74,7 +75,7 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime) -> Fit
     # CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
     steady_from = max(profiler.first + profiler.count if profiler else 1, 2 if train.cuda_graphs else 1)
     clock = StepClock(steady_from, runtime.cuda)
-    trainer = build_trainer(model, args, data, micro if train.compile else None, [clock.callback, profiler])
+    trainer = build_trainer(model, args, data, micro if train.compile else None, [clock.callback, profiler, live])
     if runtime.cuda:
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears stale checkpoints before others look

@@ -3,6 +3,7 @@ attached, its blocks compiled when `train.compile` is on."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -70,3 +71,6 @@ def describe_base(model: Any, params: Params) -> None:
     config.revision = params.model.revision
     config.target_modules = sorted(config.target_modules)
     rename_base(model.get_base_model(), params.model.name)
+    # No run here resizes the vocabulary, so no save needs peft's "auto" check of it, which looks the base name up
+    # on the hub (a request per checkpoint, and a warning when offline or for a pkg: name): every save skips it.
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)

@@ -1,13 +1,11 @@
-"""What a finished run leaves: the adapter folder (weights, tokenizer, resolved params, model card), the training
-curves, metrics/train.json (model figures), reports/train_run.json (timings, throughput, memory: not a metric, so
-`dvc metrics diff` shows only what changed the model), and its checkpoints marked complete. Only the main process
-calls this."""
+"""What a finished run leaves: the adapter folder (weights, tokenizer, resolved params, model card), the model
+figures completing dvclive's summary (dvclive/metrics.json, the stage's metric), reports/train_run.json (timings,
+throughput, memory: not a metric, so `dvc metrics diff` shows only what changed the model), and its checkpoints
+marked complete. Only the main process calls this."""
 
 from __future__ import annotations
 
-import csv
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +13,7 @@ import torch
 from stages.common.io import atomic_path, read_json, write_json
 from stages.common.model_card import model_card
 from stages.common.params import Params
-from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, CURVES_DIR, PROVENANCE, TRAIN_METRICS, TRAIN_REPORT
+from stages.common.paths import ADAPTER_DIR, CHECKPOINT_DIR, PROVENANCE, TRAIN_METRICS, TRAIN_REPORT
 from stages.finetuning.checkpoints import mark_complete
 from stages.finetuning.loop import FitResult, TrainingData
 from stages.finetuning.runtime import Runtime
@@ -24,21 +22,14 @@ log = logging.getLogger("pipeline")
 
 
 def save_outputs(
-    model: Any, tokenizer: Any, params: Params, result: FitResult, data: TrainingData, runtime: Runtime
+    model: Any, tokenizer: Any, params: Params, result: FitResult, data: TrainingData, runtime: Runtime, live: Any
 ) -> None:
-    metrics, run = training_metrics(result, model), run_report(result, data, runtime)
-    log.info(
-        "train loss %s, eval loss %s, %.0f tokens/s",
-        metrics["train_loss"],
-        metrics["eval_loss"],
-        run["tokens_per_second"],
-    )
-    forget_previous_results()
+    run = run_report(result, data, runtime)
+    TRAIN_REPORT.unlink(missing_ok=True)  # the last run's timings never sit beside this run's adapter
     save_adapter(model, tokenizer, params)
-    with atomic_path(CURVES_DIR, directory=True) as tmp:
-        write_curves(result.log_history, tmp)
     write_json(TRAIN_REPORT, run)
-    write_json(TRAIN_METRICS, metrics)
+    live.finish(model_figures(result, model), result.run_loss)
+    log.info("wrote %s (train loss, eval loss, step, figures), %.0f tokens/s", TRAIN_METRICS, run["tokens_per_second"])
     mark_complete(CHECKPOINT_DIR)
 
 
@@ -53,28 +44,11 @@ def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
         (tmp / "README.md").write_text(model_card(made_with), encoding="utf-8")  # replaces peft's blank one
 
 
-def forget_previous_results() -> None:
-    """The last run's curves and metrics go before this run's adapter is written: a crash between the writes then
-    leaves a missing file, never this run's adapter beside another run's figures."""
-    for stale in (TRAIN_METRICS, TRAIN_REPORT, CURVES_DIR / "train.csv", CURVES_DIR / "eval.csv"):
-        stale.unlink(missing_ok=True)
-
-
-def training_metrics(result: FitResult, model: Any) -> dict[str, Any]:
-    """What the run made of the model, nothing that depends on the machine or on an interruption: `dvc metrics diff`
-    between two runs of the same inputs prints nothing."""
-    train_losses = [e["loss"] for e in result.log_history if "loss" in e]
-    eval_losses = [e["eval_loss"] for e in result.log_history if "eval_loss" in e]
+def model_figures(result: FitResult, model: Any) -> dict[str, Any]:
+    """What the run made of the model beside the logged losses, nothing that depends on the machine or on an
+    interruption: `dvc metrics diff` between two runs of the same inputs prints nothing."""
     trainable, total = model.get_nb_trainable_parameters()
-    return {
-        # the last logged loss; a run shorter than logging_steps logs none, so its mean loss stands in
-        "train_loss": train_losses[-1] if train_losses else result.run_loss,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "trainable_params": trainable,
-        "total_params": total,
-    }
+    return {"epochs": result.epochs, "trainable_params": trainable, "total_params": total}
 
 
 def run_report(result: FitResult, data: TrainingData, runtime: Runtime) -> dict[str, Any]:
@@ -91,15 +65,3 @@ def run_report(result: FitResult, data: TrainingData, runtime: Runtime) -> dict[
         "tokens_per_second": round(tokens / result.train_seconds, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if runtime.cuda else 0.0,
     } | result.timings
-
-
-def write_curves(log_history: list[dict[str, Any]], directory: Path) -> None:
-    """Train and eval loss per optimizer step as CSV for `dvc plots`, from the Trainer's history (which a resumed
-    run restores from its checkpoint, so the curves stay whole across an interruption)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    train = [(e["step"], e["loss"], e.get("learning_rate", 0.0)) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    with (directory / "train.csv").open("w", newline="") as out:
-        csv.writer(out).writerows([("step", "loss", "learning_rate"), *train])
-    with (directory / "eval.csv").open("w", newline="") as out:
-        csv.writer(out).writerows([("step", "loss"), *evals])

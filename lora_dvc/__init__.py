@@ -1,0 +1,1 @@
+"""Commands around the pipeline (`lora-dvc <command>`): what a user runs after `dvc repro`, not a stage."""
