@@ -2,10 +2,10 @@
 
     python -m stages.package_zip
 
-Reads models/adapter/; writes models/adapter.zip. Only what a user needs goes in: the adapter's safetensors and
-configs, the tokenizer, params.json and the model card. Never a pickle (.bin, .pt, .pkl: loading one can run code),
-never a link (a symlink or a hard link could carry a file from outside the folder), never a subfolder. Entries get
-fixed timestamps, so the same adapter gives the same zip bytes.
+Reads models/adapter/ and the evaluation metrics (for the card); writes models/adapter.zip. Only what a user needs
+goes in: the adapter's safetensors and configs, the tokenizer, params.json and the model card. Never a pickle (.bin,
+.pt, .pkl: loading one can run code), never a link (a symlink or a hard link could carry a file from outside the
+folder), never a subfolder. Entries get fixed timestamps, so the same adapter gives the same zip bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_json
 from stages.common.model_card import model_card
 from stages.common.params import load_params
-from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP
+from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP, COSINE_METRICS, PERPLEXITY_METRICS
 
 log = logging.getLogger("pipeline")
 
@@ -45,12 +45,12 @@ def adapter_files(folder: Path) -> list[Path]:
     return files
 
 
-def write_zip(folder: Path, target: Path, name: str = "adapter") -> int:
+def write_zip(folder: Path, target: Path, name: str = "adapter", metrics: dict | None = None) -> int:
     files = adapter_files(folder)
     for required in REQUIRED:
         if not any(f.name == required for f in files):
             raise PipelineError(f"{folder}: no trained adapter ({required} missing); run finetune first")
-    card = model_card(read_json(folder / "params.json"), title=name)
+    card = model_card(read_json(folder / "params.json"), title=name, metrics=metrics)
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in files:
             info = zipfile.ZipInfo(path.name, FIXED_TIME)
@@ -65,7 +65,8 @@ def write_zip(folder: Path, target: Path, name: str = "adapter") -> int:
 
 def main() -> None:
     params = load_params().package
-    count = write_zip(ADAPTER_DIR, ADAPTER_ZIP, params.name)
+    metrics = {"perplexity": read_json(PERPLEXITY_METRICS), "cosine": read_json(COSINE_METRICS)}
+    count = write_zip(ADAPTER_DIR, ADAPTER_ZIP, params.name, metrics)
     log.info("%d files from %s -> %s (%.1f MiB)", count, ADAPTER_DIR, ADAPTER_ZIP, ADAPTER_ZIP.stat().st_size / 2**20)
 
 

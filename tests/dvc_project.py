@@ -15,7 +15,10 @@ from stages.common.params import with_overrides
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-ALL_STAGES = {"prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"}
+ALL_STAGES = {
+    *("prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"),
+    "merge",  # after the seven: base + adapter folded into plain weights
+}
 TINY = {
     "data.train_size": 24,
     "data.eval_size": 8,

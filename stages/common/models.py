@@ -7,9 +7,11 @@ depends on them, and the weights stay in the Hugging Face cache or in site-packa
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,15 +187,44 @@ def load_base_model(params: ModelParams) -> Any:
 
 
 def load_finetuned(params: ModelParams, adapter_dir: Path) -> Any:
-    """Base model with the trained adapter attached; `with model.disable_adapter():` gives the base back."""
+    """Base model with the trained adapter attached; `with model.disable_adapter():` gives the base back. An adapter
+    that is missing, unreadable or made for another base fails with one line instead of loading half-applied."""
     from peft import PeftModel
 
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise PipelineError(f"{adapter_dir}: no trained adapter ({name} missing); run finetune first")
+    check_adapter_files(adapter_dir)
     base = load_base_model(params)
     started = time.perf_counter()
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(base, adapter_dir)
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+            first = detail or str(err).strip().splitlines()[0]
+            raise PipelineError(f"{adapter_dir}: does not fit base model '{params.name}': {first}") from None
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:  # peft loads what matches and only warns: the rest of the adapter would silently do nothing
+        raise PipelineError(f"{adapter_dir}: does not fit base model '{params.name}': {missing[0][:200]}")
     model.eval()
     log.info("loaded adapter %s in %.1f s", adapter_dir, time.perf_counter() - started)
     return model
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The two files peft needs, present and readable (a truncated download or a corrupted copy is named here)."""
+    from safetensors import safe_open
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise PipelineError(f"{adapter_dir}: no trained adapter ({name} missing); run finetune or dvc pull first")
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as err:  # safetensors raises its own error types for a damaged header or file
+        raise PipelineError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    try:
+        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{adapter_dir / 'adapter_config.json'}: not valid JSON: {err}") from None

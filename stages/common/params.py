@@ -172,6 +172,11 @@ class PackageParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    dtype: Literal["float16", "bfloat16", "float32"]  # weights of the merged model (merged in float32 first)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     model: ModelParams
@@ -181,6 +186,7 @@ class Params:
     eval: EvalParams
     plot: PlotParams
     package: PackageParams
+    export: ExportParams
 
     def sections(self, *names: str) -> dict[str, Any]:
         """The named sections as plain dicts: what a stage records of its own params (only those it declares in

@@ -22,4 +22,5 @@ COSINE_METRICS = Path("metrics/cosine.json")
 GENERATIONS_REPORT = Path("reports/generations.md")
 RESULTS_REPORT = Path("reports/results.md")
 
+MERGED_DIR = Path("models/merged")  # base + adapter folded into plain weights
 ADAPTER_ZIP = Path("models/adapter.zip")  # fixed: no param is ever part of an out path (dvc.yaml says why)

@@ -62,6 +62,9 @@ class FitResult:
 def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: Any = None) -> FitResult:
     """Train; `live` (a Trainer callback, main process only) gets the logged metrics as they come."""
     train = params.train
+    if train.compile:  # the longest silent stretch of a GPU run otherwise
+        graphs = " and records the CUDA graphs in step 2" if train.cuda_graphs else ""
+        log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
     probe_started = time.perf_counter()
     micro = pick_micro_batch(
         model, train.micro_batch_size, train.effective_batch_size, runtime, data.meta.max_length, train.precision

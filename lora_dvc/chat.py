@@ -1,0 +1,193 @@
+"""Talk to the fine-tuned model: the base plus an adapter (models/adapter, a zip of it, or what `dvc get` fetched),
+answering one `--prompt` or a conversation typed at the prompt, tokens printed as they come; `--compare` answers
+with the base too (base first, then fine-tuned, each under its name).
+
+    lora-dvc chat --prompt "Tell me a story about a brave warrior."
+    lora-dvc chat --compare                       # a conversation; /reset forgets it, /exit (or Ctrl-D) ends it
+    lora-dvc chat --adapter adapter.zip --greedy  # a zip as `dvc get` or the package stage made it
+
+The base is the one the adapter was trained on (its params.json); the prompt is the pipeline's own
+instruction-then-response format, earlier turns included, so the model is asked the way it was trained."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.common.errors import PipelineError
+from stages.common.paths import ADAPTER_DIR
+from stages.common.prompt import INSTRUCTION_MARKER, format_prompt
+
+STOP = "\n" + INSTRUCTION_MARKER.split()[0] + " "  # "\n### ": the start of a new section the model may run on into
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter", type=Path, default=ADAPTER_DIR, help="adapter folder or .zip (default: %(default)s)"
+    )
+    parser.add_argument("--base", help="base model to load instead of the one in the adapter's params.json")
+    parser.add_argument("--prompt", help="answer this once and exit (default: a conversation on the terminal)")
+    parser.add_argument("--compare", action="store_true", help="answer with the base model too, before the fine-tune")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
+    sampling.add_argument("--temperature", type=float, default=0.7, help="default: %(default)s")
+    sampling.add_argument("--top-p", type=float, default=0.9, help="default: %(default)s")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s")
+    sampling.add_argument("--greedy", action="store_true", help="always the likeliest token (same answer every time)")
+    sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class Conversation:
+    """Earlier turns go back into the prompt in the trained format, oldest dropped first when it gets too long."""
+
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def prompt(self, message: str) -> str:
+        history = "".join(format_prompt(asked) + answer.strip() + "\n\n" for asked, answer in self.turns)
+        return history + format_prompt(message)
+
+    def fit(self, message: str, tokens: Any, budget: int) -> str:
+        while self.turns and len(tokens(self.prompt(message))) > budget:
+            self.turns.pop(0)
+        return self.prompt(message)
+
+
+class Printer:
+    """Prints streamed text as it comes, holding back only a tail that could be the start of a new `### ` section
+    (where the answer ends), so a run-on never shows; `text` is the answer without it."""
+
+    def __init__(self, out: Any = sys.stdout) -> None:
+        self.out, self.text, self.shown, self.stopped = out, "", 0, False
+
+    def put(self, chunk: str) -> None:
+        if self.stopped:
+            return
+        self.text += chunk
+        cut = self.text.find(STOP)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        safe = len(self.text) if self.stopped else self._safe_length()
+        self.out.write(self.text[self.shown : safe])
+        self.out.flush()
+        self.shown = safe
+
+    def _safe_length(self) -> int:
+        for keep in range(min(len(STOP), len(self.text)), 0, -1):
+            if STOP.startswith(self.text[-keep:]):
+                return len(self.text) - keep
+        return len(self.text)
+
+    def end(self) -> str:
+        self.out.write(self.text[self.shown :] + "\n")
+        self.out.flush()
+        return self.text.strip()
+
+
+@contextmanager
+def adapter_folder(path: Path) -> Iterator[Path]:
+    """The adapter as a folder: a zip is unpacked (top-level files only, as the package stage writes it)."""
+    if path.is_dir() or not path.exists():
+        yield path
+        return
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{path}: neither an adapter folder nor a zip")
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp, zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = Path(info.filename)
+            if info.is_dir() or len(name.parts) != 1 or name.name.startswith("."):
+                raise PipelineError(f"{path}: unexpected entry {info.filename!r} (an adapter zip is flat)")
+            (Path(tmp) / name.name).write_bytes(archive.read(info))
+        yield Path(tmp)
+
+
+def base_params(folder: Path, base: str | None) -> Any:
+    from stages.common.params import ModelParams
+
+    try:
+        made_with = json.loads((folder / "params.json").read_text(encoding="utf-8"))["model"]
+    except FileNotFoundError:
+        if base is None:
+            raise PipelineError(f"{folder}: no params.json to name the base model; pass --base") from None
+        made_with = {"revision": None, "quantization": "none", "compute_dtype": "float32", "trust_remote_code": False}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise PipelineError(f"{folder / 'params.json'}: no model section ({err})") from None
+    return ModelParams(**{**made_with, **({"name": base} if base else {})})
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from stages.common.models import check_adapter_files, load_finetuned, load_tokenizer
+
+    with adapter_folder(args.adapter) as folder:
+        check_adapter_files(folder)
+        params = base_params(folder, args.base)
+        model = load_finetuned(params, folder)
+    tokenizer = load_tokenizer(params)
+    budget = max(16, (getattr(model.config, "max_position_embeddings", None) or 2048) - args.max_new_tokens)
+
+    def answer(prompt: str, adapter: bool) -> str:
+        from transformers import TextStreamer
+
+        printer = Printer()
+
+        class Stream(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                printer.put(text)
+
+        torch.manual_seed(args.seed)
+        batch = tokenizer(prompt, return_tensors="pt").to(model.device)
+        sampling = (
+            {"do_sample": False}
+            if args.greedy
+            else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        )
+        context = model.disable_adapter() if not adapter else nullcontext()
+        with context, torch.inference_mode():
+            model.generate(
+                **batch,
+                **sampling,
+                max_new_tokens=args.max_new_tokens,
+                repetition_penalty=args.repetition_penalty,
+                streamer=Stream(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                stop_strings=[STOP],
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return printer.end()
+
+    def respond(conversation: Conversation, message: str) -> None:
+        prompt = conversation.fit(message, lambda text: tokenizer(text)["input_ids"], budget)
+        if args.compare:
+            print("base:", flush=True)
+            answer(prompt, adapter=False)
+            print("fine-tuned:", flush=True)
+        conversation.turns.append((message, answer(prompt, adapter=True)))
+
+    conversation = Conversation()
+    if args.prompt is not None:
+        respond(conversation, args.prompt)
+        return 0
+    print(f"chatting with {params.name} + {args.adapter}; /reset forgets the conversation, /exit ends it", flush=True)
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if message in ("/exit", "/quit"):
+            return 0
+        if message == "/reset":
+            conversation = Conversation()
+        elif message:
+            respond(conversation, message)

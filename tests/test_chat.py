@@ -1,0 +1,37 @@
+"""`lora-dvc chat`'s conversation and streaming, without a model: earlier turns go back into the prompt in the trained
+format (oldest dropped first when too long), and a run-on into a new `### ` section never reaches the screen."""
+
+from __future__ import annotations
+
+import io
+
+from lora_dvc.chat import Conversation, Printer
+from stages.common.prompt import format_prompt
+
+
+def test_earlier_turns_go_back_into_the_prompt_in_the_trained_format():
+    conversation = Conversation([("Name a colour.", "Blue. ")])
+    assert conversation.prompt("Another?") == format_prompt("Name a colour.") + "Blue.\n\n" + format_prompt("Another?")
+
+
+def test_the_oldest_turns_go_first_when_the_prompt_is_too_long():
+    conversation = Conversation([("a " * 50, "x"), ("b", "y")])
+    prompt = conversation.fit("c", lambda text: text.split(), budget=12)
+    assert conversation.turns == [("b", "y")] and "a a" not in prompt and prompt.endswith(format_prompt("c"))
+
+
+def test_a_run_on_into_a_new_section_is_cut_where_it_starts_even_across_chunks():
+    out = io.StringIO()
+    printer = Printer(out)
+    for chunk in ["Blue is calm", ".\n#", "## Instr", "uction:\nmore"]:
+        printer.put(chunk)
+    assert printer.end() == "Blue is calm." and out.getvalue() == "Blue is calm.\n"
+
+
+def test_text_that_only_looks_like_the_start_of_a_section_is_shown_in_the_end():
+    out = io.StringIO()
+    printer = Printer(out)
+    printer.put("Use C#\n#")
+    assert out.getvalue() == "Use C#"  # "\n#" could start "\n### ": held back for now
+    printer.put(" is a heading")
+    assert printer.end() == "Use C#\n# is a heading" and out.getvalue() == "Use C#\n# is a heading\n"

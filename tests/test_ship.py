@@ -1,0 +1,149 @@
+"""Using and shipping what the pipeline trained, through the real CLI on the tiny model: the merged model (plain
+transformers, no peft) against base + adapter, the model cards' load snippets run as written, and `lora-dvc chat`
+(one prompt, a conversation, --compare, a zip, and one line for each kind of broken adapter)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import yaml
+
+from tests.dvc_project import TINY_MODEL, env, make_project, run, set_params
+
+pytestmark = pytest.mark.slow
+PROMPT = "### Instruction:\nName three colours.\n\n### Response:\n"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = make_project(tmp_path_factory.mktemp("ship"), tiny_model_dir, {"export.dtype": "float32"})
+    run(root, "dvc", "repro")
+    return root
+
+
+def logits_of(project, code: str) -> list[float]:
+    """Last-position logits of PROMPT from `code` (which sets `model` and `tokenizer`), run in a fresh process where
+    `import peft` fails unless the code does not need it."""
+    script = "\n".join(
+        [
+            "import sys, json, torch",
+            *(["sys.modules['peft'] = None  # no peft in this process"] if "peft" not in code else []),
+            code,
+            f"ids = tokenizer({PROMPT!r}, return_tensors='pt')",
+            "with torch.no_grad():",
+            "    print(json.dumps(model(**ids).logits[0, -1].float().tolist()))",
+        ]
+    )
+    return json.loads(run(project, sys.executable, "-c", script).stdout.strip().splitlines()[-1])
+
+
+BASE_PLUS_ADAPTER = f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{TINY_MODEL}"), "models/adapter")
+tokenizer = AutoTokenizer.from_pretrained("{TINY_MODEL}")
+"""
+MERGED = """
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("models/merged")
+tokenizer = AutoTokenizer.from_pretrained("models/merged")
+"""
+
+
+def largest_gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_the_merged_model_needs_no_peft_and_gives_base_plus_adapter_logits(project):
+    reference = logits_of(project, BASE_PLUS_ADAPTER)
+    # what the adapter changes at all: the base alone against base + adapter (the scale the tolerances are set by)
+    adapter_effect = largest_gap(logits_of(project, MERGED.replace('"models/merged"', f'"{TINY_MODEL}"')), reference)
+    float32_gap = largest_gap(logits_of(project, MERGED), reference)
+    assert float32_gap < 1e-5 < adapter_effect / 100, (float32_gap, adapter_effect)  # float32 weights: rounding only
+    # the default export.dtype: float16 weights, within half precision's rounding, far below the adapter's effect
+    set_params(project, {"export.dtype": "float16"})
+    run(project, "dvc", "repro", "merge")
+    float16_gap = largest_gap(logits_of(project, MERGED), reference)
+    assert float16_gap < adapter_effect / 10, (float16_gap, adapter_effect)
+
+
+def card_parts(text: str) -> tuple[dict, list[str]]:
+    front = yaml.safe_load(text.split("---\n")[1])
+    return front, re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("where", ["models/merged/README.md", "models/adapter.zip:README.md"])
+def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_written(project, where):
+    if ":" in where:
+        archive, member = where.split(":")
+        text = zipfile.ZipFile(project / archive).read(member).decode()
+    else:
+        text = (project / where).read_text()
+    front, snippets = card_parts(text)
+    assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers")
+    perplexity = json.loads((project / "metrics/perplexity.json").read_text())
+    assert f"{perplexity['finetuned']['response']:.3f}" in text and f"{perplexity['base']['response']:.3f}" in text
+    assert TINY_MODEL in text and "r=4" in text
+    [snippet] = snippets
+    answer = run(project, sys.executable, "-c", snippet).stdout
+    assert answer.startswith("### Instruction:")  # it generated from the card's prompt
+
+
+def chat(project, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    command = ["lora-dvc", "chat", "--max-new-tokens", "12", *args]  # sampled with the default seed: repeatable
+    return subprocess.run(command, cwd=project, env=env(), capture_output=True, text=True, input=stdin, timeout=600)
+
+
+def test_chat_answers_once_from_the_folder_and_from_the_zip_and_compares(project):
+    once = chat(project, "--prompt", "Name three colours.")
+    assert once.returncode == 0 and once.stdout.strip(), once.stderr
+    from_zip = chat(project, "--adapter", "models/adapter.zip", "--prompt", "Name three colours.")
+    assert from_zip.stdout == once.stdout  # same adapter, same seed: the same answer
+    compared = chat(project, "--compare", "--prompt", "Name three colours.")
+    lines = compared.stdout.splitlines()
+    assert lines[0] == "base:" and "fine-tuned:" in lines
+
+
+def test_chat_keeps_a_conversation_until_exit(project):
+    result = chat(project, stdin="Name three colours.\nAnd two more.\n/reset\nHello\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("you> ") == 5  # three messages answered, /reset, then /exit
+
+
+def broken_adapters(project, tmp_path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(project / "models/adapter", corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rank = tmp_path / "rank"
+    shutil.copytree(project / "models/adapter", rank)
+    config = json.loads((rank / "adapter_config.json").read_text())
+    (rank / "adapter_config.json").write_text(json.dumps(config | {"r": 8}))
+    other = project / "models/base/other"
+    if not other.exists():
+        shutil.copytree(project / TINY_MODEL, other)
+        settings = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps(settings | {"hidden_size": 32, "intermediate_size": 64}))
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    return {
+        "missing": (["--adapter", str(tmp_path / "nothing")], r"no trained adapter \(adapter_config.json missing\)"),
+        "corrupt": (["--adapter", str(corrupt)], r"adapter_model.safetensors: not a readable safetensors file"),
+        "rank file": (["--adapter", str(rank)], r"does not fit base model 'models/base/tiny': size mismatch"),
+        "wrong base": (["--base", "models/base/other"], r"does not fit base model 'models/base/other': size mismatch"),
+    }
+
+
+def test_a_broken_or_mismatched_adapter_is_one_line(project, tmp_path):
+    for case, (args, message) in broken_adapters(project, tmp_path).items():
+        result = chat(project, *args, "--prompt", "hi")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), (case, result.stderr)
+        assert "Traceback" not in result.stderr, case
