@@ -16,17 +16,14 @@ import torch
 
 from stages.common.errors import run_stage
 from stages.common.fragile import rename_base
-from stages.common.io import atomic_path, read_json
-from stages.common.model_card import model_card
+from stages.common.io import atomic_path, read_json, write_json
+from stages.common.model_card import evaluation_figures, model_card
 from stages.common.models import DTYPES, load_finetuned, load_tokenizer
 from stages.common.params import ModelParams, load_params
-from stages.common.paths import ADAPTER_DIR, COSINE_METRICS, MERGED_DIR, PERPLEXITY_METRICS
+from stages.common.paths import ADAPTER_DIR, MERGED_DIR
+from stages.common.templates import ALPACA_JINJA
 
 log = logging.getLogger("pipeline")
-
-
-def run_figures() -> dict:
-    return {"perplexity": read_json(PERPLEXITY_METRICS), "cosine": read_json(COSINE_METRICS)}
 
 
 def main() -> None:
@@ -37,6 +34,7 @@ def main() -> None:
     merged = model.merge_and_unload().to(DTYPES[params.export.dtype])
     rename_base(merged, params.model.name)
     tokenizer = load_tokenizer(params.model)
+    tokenizer.chat_template = ALPACA_JINJA  # the format it was trained in, for apply_chat_template and the GGUF
     made_with = read_json(ADAPTER_DIR / "params.json")
     notes = [f"weights: {params.export.dtype}, base and LoRA update added in float32"]
     if params.model.quantization != "none":
@@ -44,11 +42,12 @@ def main() -> None:
             f"merged into the unquantized base weights: the adapter was trained against the {params.model.quantization}"
             " 4-bit base, so this model's outputs differ slightly from the evaluated 4-bit base + adapter"
         )
-    card = model_card(made_with, params.package.name, "merged", str(MERGED_DIR), run_figures(), tuple(notes))
+    card = model_card(made_with, params.package.name, "merged", str(MERGED_DIR), evaluation_figures(), tuple(notes))
     with atomic_path(MERGED_DIR, directory=True) as tmp, torch.no_grad():
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_json(tmp / "params.json", made_with)
     log.info("base + adapter merged into %s weights", params.export.dtype)
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_json
-from stages.common.model_card import model_card
+from stages.common.model_card import evaluation_figures, model_card
 from stages.common.params import load_params
-from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP, COSINE_METRICS, PERPLEXITY_METRICS
+from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP
 
 log = logging.getLogger("pipeline")
 
@@ -65,8 +65,7 @@ def write_zip(folder: Path, target: Path, name: str = "adapter", metrics: dict |
 
 def main() -> None:
     params = load_params().package
-    metrics = {"perplexity": read_json(PERPLEXITY_METRICS), "cosine": read_json(COSINE_METRICS)}
-    count = write_zip(ADAPTER_DIR, ADAPTER_ZIP, params.name, metrics)
+    count = write_zip(ADAPTER_DIR, ADAPTER_ZIP, params.name, evaluation_figures())
     log.info("%d files from %s -> %s (%.1f MiB)", count, ADAPTER_DIR, ADAPTER_ZIP, ADAPTER_ZIP.stat().st_size / 2**20)
 
 

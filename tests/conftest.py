@@ -47,6 +47,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """A project on the tiny model whose whole pipeline ran once through `dvc repro` and was committed, and that run's
+    output. Modules that need a trained project work on their own copy (`copy_project`): one run serves them all."""
+    from tests.dvc_project import commit, make_project, run
+
+    root = make_project(tmp_path_factory.mktemp("trained") / "project", tiny_model_dir)
+    first_repro = run(root, "dvc", "repro")
+    commit(root, "trained")
+    return root, first_repro
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path):
     from stages.common.models import load_tokenizer
     from stages.common.params import ModelParams

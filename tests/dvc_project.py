@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 ALL_STAGES = {
     *("prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"),
     "merge",  # after the seven: base + adapter folded into plain weights
+    "export_gguf",  # and that as GGUF for llama.cpp and Ollama
 }
 TINY = {
     "data.train_size": 24,
@@ -80,4 +81,10 @@ def make_project(target: Path, model_dir: Path, changes: dict | None = None) -> 
     run(target, "git", "init", "-q")
     set_params(target, {"model.name": TINY_MODEL, **TINY, **(changes or {})})
     commit(target, "pipeline on a tiny model")
+    return target
+
+
+def copy_project(project: Path, target: Path) -> Path:
+    """A copy of a project, git history, DVC cache and outputs included, that a test may change freely."""
+    shutil.copytree(project, target, symlinks=True)
     return target

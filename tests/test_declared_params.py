@@ -14,7 +14,17 @@ from stages.common.params import Params, load_params
 from tests.dvc_project import ALL_STAGES, make_project
 
 pytestmark = pytest.mark.slow
-ORDER = ["prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip", "merge"]
+ORDER = [
+    "prepare_subset",
+    "tokenize",
+    "finetune",
+    "evaluate_ppl",
+    "evaluate_cosine",
+    "plot",
+    "package_zip",
+    "merge",
+    "export_gguf",
+]
 
 
 class Recorder:

@@ -9,7 +9,17 @@ from tests.conftest import REPO, load_yaml
 
 DVC = load_yaml(REPO / "dvc.yaml")
 PARAMS = load_yaml(REPO / "params.yaml")
-STAGES = ["prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip", "merge"]
+STAGES = [
+    "prepare_subset",
+    "tokenize",
+    "finetune",
+    "evaluate_ppl",
+    "evaluate_cosine",
+    "plot",
+    "package_zip",
+    "merge",
+    "export_gguf",
+]
 
 
 def module_closure(module: str, seen: set[str]) -> set[str]:

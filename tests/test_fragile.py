@@ -1,6 +1,8 @@
 """Canaries for stages/common/fragile.py: each private or version-fragile call still does what the pipeline relies
 on. A library upgrade that changes one fails here, by name, before it silently changes a run."""
 
+import json
+
 import torch
 
 from stages.common.fragile import limit_trainer_to_one_gpu, mark_static_address, unlabel_dequantized_gguf
@@ -31,8 +33,12 @@ def test_a_gguf_base_is_trainable(tmp_path):
     lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match="quantized"):
         Trainer(model=get_peft_model(model, lora), args=args)
+    assert model.config.to_dict()["quantization_config"]["quant_method"] == "gguf"
     unlabel_dequantized_gguf(model)
     Trainer(model=get_peft_model(model, lora), args=args)
+    # saved, the model must read back as plain weights (and llama.cpp's converter must accept its config)
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved/config.json").read_text())
 
 
 def test_static_address_marking_exists():

@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import BIN, TINY_MODEL, commit, env, make_project, run, stages_run
+from tests.dvc_project import BIN, TINY_MODEL, commit, copy_project, env, run, stages_run
 
 pytestmark = pytest.mark.slow
 OUTS = ["models/adapter/adapter_model.safetensors", "models/adapter.zip", "data/tokenized/meta.json"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    root = make_project(tmp_path_factory.mktemp("shared"), tiny_model_dir)
-    run(root, "dvc", "repro")
-    commit(root, "trained")
-    return root
+def project(tmp_path_factory, trained_project):
+    return copy_project(trained_project[0], tmp_path_factory.mktemp("shared") / "project")
 
 
 def free_port() -> int:

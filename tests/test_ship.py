@@ -14,15 +14,16 @@ import zipfile
 import pytest
 import yaml
 
-from tests.dvc_project import TINY_MODEL, env, make_project, run, set_params
+from tests.dvc_project import TINY_MODEL, copy_project, env, run, set_params
 
 pytestmark = pytest.mark.slow
 PROMPT = "### Instruction:\nName three colours.\n\n### Response:\n"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    root = make_project(tmp_path_factory.mktemp("ship"), tiny_model_dir, {"export.dtype": "float32"})
+def project(tmp_path_factory, trained_project):
+    root = copy_project(trained_project[0], tmp_path_factory.mktemp("ship") / "project")
+    set_params(root, {"export.dtype": "float32"})
     run(root, "dvc", "repro")
     return root
 
@@ -78,7 +79,7 @@ def card_parts(text: str) -> tuple[dict, list[str]]:
     return front, re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("where", ["models/merged/README.md", "models/adapter.zip:README.md"])
+@pytest.mark.parametrize("where", ["models/merged/README.md", "models/adapter.zip:README.md", "models/gguf/README.md"])
 def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_written(project, where):
     if ":" in where:
         archive, member = where.split(":")
@@ -86,13 +87,70 @@ def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_wri
     else:
         text = (project / where).read_text()
     front, snippets = card_parts(text)
-    assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers")
+    assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers", "gguf")
     perplexity = json.loads((project / "metrics/perplexity.json").read_text())
     assert f"{perplexity['finetuned']['response']:.3f}" in text and f"{perplexity['base']['response']:.3f}" in text
     assert TINY_MODEL in text and "r=4" in text
     [snippet] = snippets
     answer = run(project, sys.executable, "-c", snippet).stdout
     assert answer.startswith("### Instruction:")  # it generated from the card's prompt
+
+
+GREEDY = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, gguf_file = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+extra = {"gguf_file": gguf_file} if gguf_file else {}
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **extra)
+tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+ids = tokenizer(PROMPT, return_tensors="pt")
+answer = model.generate(**ids, max_new_tokens=16, do_sample=False, eos_token_id=None)[0, ids["input_ids"].shape[1]:]
+print(json.dumps(answer.tolist()))
+""".replace("PROMPT", repr(PROMPT))
+
+
+def greedy(project, folder: str, gguf_file: str | None = None) -> list[int]:
+    """Sixteen greedy tokens (no stopping) from a folder or a GGUF file, read with plain transformers."""
+    out = run(project, sys.executable, "-c", GREEDY, folder, *([gguf_file] if gguf_file else [])).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_gguf_export_reads_back_with_the_merged_models_greedy_answer(project):
+    """f16 holds the float16 merged weights exactly: the same sixteen greedy tokens; q8_0 is about half the size and
+    within its rounding: the same first eight tokens (this random model's next-token scores are so close together that
+    8-bit rounding flips a later one). The Modelfile points at the file and stops where an answer ends."""
+    set_params(project, {"export.dtype": "float16", "export.gguf_type": "f16"})
+    run(project, "dvc", "repro", "export_gguf")
+    expected = greedy(project, "models/merged")
+    assert greedy(project, "models/gguf", "model.gguf") == expected
+    assert json.loads((project / "models/gguf/round_trip.json").read_text())["same_greedy_answer"] is True
+    f16_size = (project / "models/gguf/model.gguf").stat().st_size
+    modelfile = (project / "models/gguf/Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "### Instruction:"' in modelfile
+    set_params(project, {"export.gguf_type": "q8_0"})
+    ran = run(project, "dvc", "repro", "export_gguf")
+    assert "Running stage 'merge'" not in ran.stdout  # only the export depends on the GGUF type
+    assert (project / "models/gguf/model.gguf").stat().st_size < 0.7 * f16_size
+    quantized = greedy(project, "models/gguf", "model.gguf")
+    assert quantized[:8] == expected[:8]
+    set_params(project, {"export.dtype": "float32", "export.gguf_type": "f16"})
+    run(project, "dvc", "repro")
+
+
+def test_a_merged_model_the_converter_cannot_read_is_one_line_and_keeps_the_last_export(project):
+    before = (project / "models/gguf/model.gguf").read_bytes()
+    config = project / "models/merged/config.json"
+    original = config.read_text()
+    config.write_text(json.dumps(json.loads(original) | {"architectures": ["NoSuchModelForCausalLM"]}))
+    try:
+        result = run(project, sys.executable, "-m", "stages.export_gguf", check=False)
+    finally:
+        config.write_text(original)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "llama.cpp's converter failed" in errors[0] and "NoSuchModelForCausalLM" in errors[0], errors
+    assert (project / "models/gguf/model.gguf").read_bytes() == before
+    assert not list((project / "models").glob(".gguf.*.tmp"))
 
 
 def chat(project, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -9,22 +9,19 @@ import shutil
 
 import pytest
 
-from tests.dvc_project import TINY_MODEL, commit, make_project, run, set_params
+from tests.dvc_project import TINY_MODEL, copy_project, run, set_params
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
+def trained(tmp_path_factory, trained_project):
     """A project whose whole pipeline ran once and was committed, beside a folder that must survive everything."""
     parent = tmp_path_factory.mktemp("trust")
     victim = parent / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
-    root = make_project(parent / "project", tiny_model_dir)
-    run(root, "dvc", "repro")
-    commit(root, "trained")
-    return root
+    return copy_project(trained_project[0], parent / "project")
 
 
 @pytest.fixture

@@ -24,9 +24,13 @@ def limit_trainer_to_one_gpu(args: Any) -> None:
 
 
 def unlabel_dequantized_gguf(model: Any) -> None:
-    """GGUF weights are dequantized to plain tensors on load; only the label says "quantized", and the Trainer
-    refuses to train a model so labelled. Guarded by tests/test_fragile.py::test_a_gguf_base_is_trainable."""
+    """GGUF weights are dequantized to plain tensors on load; only the label says "quantized": the Trainer refuses to
+    train a model so labelled, and a merged model saved with the label in its config.json is read back by transformers
+    as a GGUF checkpoint and refused by llama.cpp's converter. Guarded by
+    tests/test_fragile.py::test_a_gguf_base_is_trainable and tests/test_ship.py (the merged config)."""
     model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def mark_static_address(tensor: torch.Tensor) -> None:

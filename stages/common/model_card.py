@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.common.io import read_json
+from stages.common.paths import COSINE_METRICS, PERPLEXITY_METRICS
+
 PACKAGE_PREFIX = "pkg:"  # a model file inside an installed Python package (stages/common/models.py resolves it)
 KINDS = {  # what is shipped -> (how the card's title names it, library a Hub page shows)
     "adapter": ("LoRA adapter", "peft"),
@@ -42,8 +45,8 @@ def base_lines(model: dict[str, Any]) -> list[str]:
     else:
         where = f"the Hugging Face Hub model `{name}`"
     quantized = f", trained in 4-bit ({model['quantization']})" if model["quantization"] != "none" else ""
-    revision = model["revision"] or "latest"
-    return [f"- base model: `{name}`: {where}; revision {revision}{quantized}, compute {model['compute_dtype']}"]
+    revision = f"; revision {model['revision'] or 'latest'}" if _is_hub_id(name) else ""
+    return [f"- base model: `{name}`: {where}{revision}{quantized}, compute {model['compute_dtype']}"]
 
 
 def load_base_code(model: dict[str, Any]) -> list[str]:
@@ -66,7 +69,7 @@ def load_base_code(model: dict[str, Any]) -> list[str]:
     ]
 
 
-def load_snippet(made_with: dict[str, Any], kind: str, folder: str) -> list[str]:
+def load_snippet(made_with: dict[str, Any], kind: str, folder: str, title: str) -> list[str]:
     ask = [
         'prompt = "### Instruction:\\nTell me a story about a brave warrior.\\n\\n### Response:\\n"',
         'ids = tokenizer(prompt, return_tensors="pt")',
@@ -93,8 +96,8 @@ def load_snippet(made_with: dict[str, Any], kind: str, folder: str) -> list[str]
         return ["```python", *code, "```"]
     return [
         "```bash",
-        f"llama-cli -m {folder}/model.gguf -p 'Tell me a story about a brave warrior.' -n 64",
-        f"ollama create {made_with.get('package_name', 'finetuned')} -f {folder}/Modelfile",
+        f"llama-cli -m {folder}/model.gguf --jinja  # chat in the trained format (the GGUF carries its template)",
+        f"ollama create {title} -f {folder}/Modelfile && ollama run {title}",
         "```",
         "or in Python, without llama.cpp:",
         "```python",
@@ -105,6 +108,11 @@ def load_snippet(made_with: dict[str, Any], kind: str, folder: str) -> list[str]
         *ask,
         "```",
     ]
+
+
+def evaluation_figures() -> dict[str, Any]:
+    """This run's evaluation metrics, as every card shows them."""
+    return {"perplexity": read_json(PERPLEXITY_METRICS), "cosine": read_json(COSINE_METRICS)}
 
 
 def figures(metrics: dict[str, Any] | None) -> list[str]:
@@ -157,9 +165,9 @@ def model_card(
         "",
         f"From the repository root (or change `{folder}` to where this folder is):",
         "",
-        *load_snippet(made_with, kind, folder),
+        *load_snippet(made_with, kind, folder, title),
         "",
-        "Every setting is in `params.json` of the adapter.",
+        "Every setting is in this folder's `params.json`.",
         "",
     ]
     return "\n".join(lines)

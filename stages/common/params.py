@@ -174,6 +174,7 @@ class PackageParams:
 @dataclass(frozen=True)
 class ExportParams:
     dtype: Literal["float16", "bfloat16", "float32"]  # weights of the merged model (merged in float32 first)
+    gguf_type: Literal["f16", "bf16", "q8_0", "f32"]  # the GGUF export: converter types needing no llama.cpp build
 
 
 @dataclass(frozen=True)

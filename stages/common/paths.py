@@ -23,4 +23,5 @@ GENERATIONS_REPORT = Path("reports/generations.md")
 RESULTS_REPORT = Path("reports/results.md")
 
 MERGED_DIR = Path("models/merged")  # base + adapter folded into plain weights
+GGUF_DIR = Path("models/gguf")  # the merged model for llama.cpp and Ollama
 ADAPTER_ZIP = Path("models/adapter.zip")  # fixed: no param is ever part of an out path (dvc.yaml says why)
