@@ -638,11 +638,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    exact = TokenizeParams(128, "full", "max_length")
+    exact = TokenizeParams(128, "alpaca", "full", "max_length")
     pipe.run("prepare_subset", {})  # (a) trains and evaluates on the very rows the pipeline uses
     train_rows, eval_rows = (
         [
-            tokenize_record(json.loads(line), tokenizer, exact)
+            tokenize_record(json.loads(line), tokenizer, exact, "alpaca")
             for line in (pipe.root / f"data/subset/{split}.jsonl").open()
         ]
         for split in ("train", "eval")

@@ -6,13 +6,13 @@ with the base too (base first, then fine-tuned, each under its name).
     lora-dvc chat --compare                       # a conversation; /reset forgets it, /exit (or Ctrl-D) ends it
     lora-dvc chat --adapter adapter.zip --greedy  # a zip as `dvc get` or the package stage made it
 
-The base is the one the adapter was trained on (its params.json); the prompt is the pipeline's own
-instruction-then-response format, earlier turns included, so the model is asked the way it was trained."""
+The base is the one the adapter was trained on (its params.json); the prompt is the format it was trained in
+(`tokenize.template` in params.json: the instruction-then-response text or the base's chat template), earlier turns
+included, so the model is asked the way it was trained."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import zipfile
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import PipelineError
+from stages.common.io import read_json
 from stages.common.paths import ADAPTER_DIR
-from stages.common.prompt import INSTRUCTION_MARKER, format_prompt
+from stages.common.prompt import INSTRUCTION_MARKER
+from stages.common.templates import render_chat, trained_template
 
 STOP = "\n" + INSTRUCTION_MARKER.split()[0] + " "  # "\n### ": the start of a new section the model may run on into
 
@@ -50,11 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Conversation:
     """Earlier turns go back into the prompt in the trained format, oldest dropped first when it gets too long."""
 
+    tokenizer: Any
+    template: str  # "alpaca" or "chat" (stages/common/templates.py)
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def prompt(self, message: str) -> str:
-        history = "".join(format_prompt(asked) + answer.strip() + "\n\n" for asked, answer in self.turns)
-        return history + format_prompt(message)
+        messages = [
+            {"role": role, "content": text}
+            for asked, answer in self.turns
+            for role, text in (("user", asked), ("assistant", answer))
+        ]
+        return render_chat([*messages, {"role": "user", "content": message}], self.tokenizer, self.template)
 
     def fit(self, message: str, tokens: Any, budget: int) -> str:
         while self.turns and len(tokens(self.prompt(message))) > budget:
@@ -63,17 +71,18 @@ class Conversation:
 
 
 class Printer:
-    """Prints streamed text as it comes, holding back only a tail that could be the start of a new `### ` section
-    (where the answer ends), so a run-on never shows; `text` is the answer without it."""
+    """Prints streamed text as it comes, holding back only a tail that could be the start of `stop` (under the alpaca
+    format a new `### ` section, where the answer ends), so a run-on never shows; `text` is the answer without it.
+    Under a chat template the end-of-turn token ends the answer and nothing is held back (`stop` None)."""
 
-    def __init__(self, out: Any = sys.stdout) -> None:
-        self.out, self.text, self.shown, self.stopped = out, "", 0, False
+    def __init__(self, out: Any = sys.stdout, stop: str | None = STOP) -> None:
+        self.out, self.text, self.shown, self.stopped, self.stop = out, "", 0, False, stop
 
     def put(self, chunk: str) -> None:
         if self.stopped:
             return
         self.text += chunk
-        cut = self.text.find(STOP)
+        cut = self.text.find(self.stop) if self.stop else -1
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
         safe = len(self.text) if self.stopped else self._safe_length()
@@ -82,8 +91,8 @@ class Printer:
         self.shown = safe
 
     def _safe_length(self) -> int:
-        for keep in range(min(len(STOP), len(self.text)), 0, -1):
-            if STOP.startswith(self.text[-keep:]):
+        for keep in range(min(len(self.stop or ""), len(self.text)), 0, -1):
+            if self.stop.startswith(self.text[-keep:]):
                 return len(self.text) - keep
         return len(self.text)
 
@@ -110,18 +119,32 @@ def adapter_folder(path: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def base_params(folder: Path, base: str | None) -> Any:
+UNKNOWN_MAKING = {  # an adapter without params.json (made elsewhere): the base from --base, the seed's format
+    "model": {"revision": None, "quantization": "none", "compute_dtype": "float32", "trust_remote_code": False},
+    "tokenize": {"template": "alpaca"},
+}
+
+
+def made_with(folder: Path, base: str | None) -> dict[str, Any]:
+    """The adapter's params.json (what it was trained with), `--base` replacing its base model."""
+    if not (folder / "params.json").is_file():
+        if base is None:
+            raise PipelineError(f"{folder}: no params.json to name the base model; pass --base")
+        settings = UNKNOWN_MAKING
+    else:
+        settings = read_json(folder / "params.json")
+        if not isinstance(settings, dict) or not isinstance(settings.get("model"), dict):
+            raise PipelineError(f"{folder / 'params.json'}: no model section")
+    return {**settings, "model": {**settings["model"], **({"name": base} if base else {})}}
+
+
+def base_params(settings: dict[str, Any]) -> Any:
     from stages.common.params import ModelParams
 
     try:
-        made_with = json.loads((folder / "params.json").read_text(encoding="utf-8"))["model"]
-    except FileNotFoundError:
-        if base is None:
-            raise PipelineError(f"{folder}: no params.json to name the base model; pass --base") from None
-        made_with = {"revision": None, "quantization": "none", "compute_dtype": "float32", "trust_remote_code": False}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise PipelineError(f"{folder / 'params.json'}: no model section ({err})") from None
-    return ModelParams(**{**made_with, **({"name": base} if base else {})})
+        return ModelParams(**settings["model"])
+    except TypeError as err:
+        raise PipelineError(f"params.json: model section does not fit ({err})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,22 +154,25 @@ def run(args: argparse.Namespace) -> int:
 
     with adapter_folder(args.adapter) as folder:
         check_adapter_files(folder)
-        params = base_params(folder, args.base)
+        settings = made_with(folder, args.base)
+        params = base_params(settings)
         model = load_finetuned(params, folder)
     tokenizer = load_tokenizer(params)
+    template = trained_template(settings, tokenizer)
+    add_special_tokens = template == "alpaca"  # as in training: a chat template writes its own
     budget = max(16, (getattr(model.config, "max_position_embeddings", None) or 2048) - args.max_new_tokens)
 
     def answer(prompt: str, adapter: bool) -> str:
         from transformers import TextStreamer
 
-        printer = Printer()
+        printer = Printer(stop=STOP if template == "alpaca" else None)
 
         class Stream(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 printer.put(text)
 
         torch.manual_seed(args.seed)
-        batch = tokenizer(prompt, return_tensors="pt").to(model.device)
+        batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
         sampling = (
             {"do_sample": False}
             if args.greedy
@@ -160,21 +186,22 @@ def run(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens,
                 repetition_penalty=args.repetition_penalty,
                 streamer=Stream(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                stop_strings=[STOP],
-                tokenizer=tokenizer,
+                **({"stop_strings": [STOP], "tokenizer": tokenizer} if template == "alpaca" else {}),
                 pad_token_id=tokenizer.pad_token_id,
             )
         return printer.end()
 
     def respond(conversation: Conversation, message: str) -> None:
-        prompt = conversation.fit(message, lambda text: tokenizer(text)["input_ids"], budget)
+        prompt = conversation.fit(
+            message, lambda text: tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], budget
+        )
         if args.compare:
             print("base:", flush=True)
             answer(prompt, adapter=False)
             print("fine-tuned:", flush=True)
         conversation.turns.append((message, answer(prompt, adapter=True)))
 
-    conversation = Conversation()
+    conversation = Conversation(tokenizer, template)
     if args.prompt is not None:
         respond(conversation, args.prompt)
         return 0
@@ -188,6 +215,6 @@ def run(args: argparse.Namespace) -> int:
         if message in ("/exit", "/quit"):
             return 0
         if message == "/reset":
-            conversation = Conversation()
+            conversation = Conversation(tokenizer, template)
         elif message:
             respond(conversation, message)

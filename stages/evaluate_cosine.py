@@ -4,10 +4,11 @@
 
 Reads models/adapter/, data/subset/eval.jsonl (held-out instructions and their reference answers) and the
 embedder `eval.generate.embedder`; writes metrics/cosine.json and reports/generations.md.
-Generation is greedy (deterministic), KV-cached and batched (both models in one batch), with the training prompt
-format. Besides the base-vs-fine-tuned cosine it reports each model's cosine to the reference answer, answer length
-in words, and the share of outputs that run on past the answer (a new "### Instruction", repeated text, or the
-token limit).
+Generation is greedy (deterministic), KV-cached and batched (both models in one batch), in the trained prompt format
+(data/tokenized/meta.json's template). Besides the base-vs-fine-tuned cosine it reports each model's cosine to the
+reference answer, answer length in words, and the outputs that run on past the answer, by the rule that caught each
+(`run_on_rule`: token limit, a template heading or role label echoed, a new turn's special token, a repeated
+paragraph or phrase).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from stages.common.io import atomic_path, read_jsonl, write_json
 from stages.common.models import check_token_budget, load_finetuned, load_tokenizer, resolve_model
 from stages.common.params import Params, load_params
 from stages.common.paths import ADAPTER_DIR, COSINE_METRICS, GENERATIONS_REPORT, SUBSET_DIR
-from stages.common.prompt import INSTRUCTION_MARKER, format_prompt
+from stages.common.records import check_record
+from stages.common.templates import generation_prompt, render_chat
+from stages.common.tokenized import load_meta
 
 log = logging.getLogger("pipeline")
 
@@ -46,40 +49,52 @@ class Prompt:
 class Generation:
     text: str
     hit_limit: bool
+    turn_marker: bool = False  # a special token of the template (a new turn) inside the answer
 
 
-def build_prompts(params: Params, tokenizer: Any) -> list[Prompt]:
-    """Configured prompts first (each checked), then held-out eval instructions whose prompt fits max_length."""
+def build_prompts(params: Params, tokenizer: Any, template: str) -> list[Prompt]:
+    """Configured prompts first (each checked), then held-out eval records whose prompt fits max_length: each asked
+    in the trained format (`template`), a conversation with its earlier turns, its last answer the reference."""
     limit = params.tokenize.max_length
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=template == "alpaca")["input_ids"])
+
     prompts = []
     for i, text in enumerate(params.eval.generate.prompts):
         if not text.strip():
             raise PipelineError(f"eval.generate.prompts[{i}] is empty")
-        formatted = format_prompt(text)
-        length = len(tokenizer(formatted)["input_ids"])
-        if length > limit:
+        formatted = render_chat([{"role": "user", "content": text}], tokenizer, template)
+        if length(formatted) > limit:
             raise PipelineError(
-                f"eval.generate.prompts[{i}] is {length} tokens, longer than tokenize.max_length ({limit})"
+                f"eval.generate.prompts[{i}] is {length(formatted)} tokens, longer than tokenize.max_length ({limit})"
             )
         prompts.append(Prompt(text, formatted))
     wanted = params.eval.generate.held_out_prompts
-    for _, record in read_jsonl(SUBSET_DIR / "eval.jsonl"):
+    for _, raw in read_jsonl(SUBSET_DIR / "eval.jsonl"):
         if wanted == 0:
             break
-        formatted = format_prompt(record["instruction"], record.get("input", ""))
-        if len(tokenizer(formatted)["input_ids"]) <= limit:
-            text = record["instruction"] + (f"\n\nInput: {record['input']}" if record.get("input") else "")
-            prompts.append(Prompt(text, formatted, record["output"]))
+        record = check_record(raw, "eval record")
+        formatted, reference = generation_prompt(record, template, tokenizer)
+        if length(formatted) <= limit:
+            prompts.append(Prompt(shown_question(record), formatted, reference))
             wanted -= 1
     if not prompts:
         raise PipelineError(
             "eval.generate.prompts is empty and eval.generate.held_out_prompts is 0: nothing to compare"
         )
-    longest = max(len(tokenizer(p.model_input)["input_ids"]) for p in prompts)
+    longest = max(length(p.model_input) for p in prompts)
     check_token_budget(
         params.model, longest + params.eval.generate.max_new_tokens, "longest prompt + eval.generate.max_new_tokens"
     )
     return prompts
+
+
+def shown_question(record: dict[str, Any]) -> str:
+    """What the report shows as the question: the instruction (and input), or a conversation's last user turn."""
+    if "messages" in record:
+        return record["messages"][-2]["content"]
+    return record["instruction"] + (f"\n\nInput: {record['input']}" if record["input"] else "")
 
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -90,7 +105,7 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 @torch.no_grad()
 def generate_both(
-    model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, batch_size: int, template: str
 ) -> tuple[list[Generation], list[Generation]]:
     """Greedy, left-padded, KV-cached generations of the fine-tuned and the base model: (fine-tuned, base).
 
@@ -98,11 +113,15 @@ def generate_both(
     batches), so both models decode in the same loop: decoding a few rows is bound by launching kernels, and one
     loop of 2n rows costs about what one loop of n does."""
     tokenizer.padding_side = "left"
+    add_special_tokens = template == "alpaca"  # a chat template writes its own
+    markers = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id}
     tuned, base = [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate fine-tuned + base"):
         chunk = [p.model_input for p in prompts[start : start + batch_size]]
-        batch = tokenizer(chunk + chunk, return_tensors="pt", padding=True).to(model.device)
+        batch = tokenizer(chunk + chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
+            model.device
+        )
         with sdpa_kernel(DECODE_ATTENTION):
             generated = model.generate(
                 **batch,
@@ -114,9 +133,11 @@ def generate_both(
                 eos_token_id=tokenizer.eos_token_id,
             )
         outputs = []
-        for ids in generated[:, batch["input_ids"].shape[1] :]:
-            ended = (ids == tokenizer.eos_token_id).any().item()
-            outputs.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), not ended))
+        for ids in generated[:, batch["input_ids"].shape[1] :].tolist():
+            ended = tokenizer.eos_token_id in ids
+            answer = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
+            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            outputs.append(Generation(text, not ended, any(i in markers for i in answer)))
         tuned += outputs[: len(chunk)]
         base += outputs[len(chunk) :]
     tokenizer.padding_side = "right"
@@ -124,13 +145,33 @@ def generate_both(
     return tuned, base
 
 
-def runs_on(generation: Generation) -> bool:
-    """The output did not stop at its answer: it starts a new instruction, repeats itself, or hit the limit."""
-    if generation.hit_limit or INSTRUCTION_MARKER in generation.text:
-        return True
+HEADING = re.compile(  # a template heading or role label at the start of a line: "### Output:", "User:"
+    r"^\s*#{1,6}\s*\w[\w ]{0,30}:?\s*$|^\s*(instruction|input|response|output|user|assistant|system)\s*:",
+    re.MULTILINE | re.IGNORECASE,
+)
+PARAGRAPH_MIN = 40  # characters; a paragraph at least this long seen twice is repeated text
+RUN_ON_RULES = ("token_limit", "heading_echo", "turn_marker", "repeated_paragraph", "repeated_phrase")
+
+
+def run_on_rule(generation: Generation) -> str | None:
+    """Which rule says the output did not stop at its answer (None: it did). In order: it hit the token limit; it
+    echoes a template heading or role label; it starts a new turn (a special token of the template inside the answer);
+    it repeats a paragraph; it repeats a 6-word phrase three times."""
+    if generation.hit_limit:
+        return "token_limit"
+    if HEADING.search(generation.text):
+        return "heading_echo"
+    if generation.turn_marker:
+        return "turn_marker"
+    paragraphs = [" ".join(p.split()).casefold() for p in re.split(r"\n\s*\n", generation.text)]
+    long = [p for p in paragraphs if len(p) >= PARAGRAPH_MIN]
+    if len(set(long)) < len(long):
+        return "repeated_paragraph"
     words = re.findall(r"\w+", generation.text.lower())
     ngrams = [tuple(words[i : i + REPEAT_NGRAM]) for i in range(len(words) - REPEAT_NGRAM + 1)]
-    return any(ngrams.count(g) >= 3 for g in set(ngrams))
+    if any(ngrams.count(g) >= 3 for g in set(ngrams)):
+        return "repeated_phrase"
+    return None
 
 
 def word_count(text: str) -> int:
@@ -175,8 +216,8 @@ def compare(prompts: list[Prompt], base: list[Generation], tuned: list[Generatio
             "finetuned_to_reference": round(tuned_ref[i], 4) if i in tuned_ref else None,
             "base_words": word_count(base[i].text),
             "finetuned_words": word_count(tuned[i].text),
-            "base_runs_on": runs_on(base[i]),
-            "finetuned_runs_on": runs_on(tuned[i]),
+            "base_run_on_rule": run_on_rule(base[i]),
+            "finetuned_run_on_rule": run_on_rule(tuned[i]),
         }
         for i, p in enumerate(prompts)
     ]
@@ -188,8 +229,12 @@ def compare(prompts: list[Prompt], base: list[Generation], tuned: list[Generatio
             "finetuned": statistics.fmean(r["finetuned_words"] for r in per_prompt),
         },
         "runs_on_share": {
-            "base": statistics.fmean(r["base_runs_on"] for r in per_prompt),
-            "finetuned": statistics.fmean(r["finetuned_runs_on"] for r in per_prompt),
+            model: statistics.fmean(r[f"{model}_run_on_rule"] is not None for r in per_prompt)
+            for model in ("base", "finetuned")
+        },
+        "run_on_rules": {
+            model: {rule: sum(r[f"{model}_run_on_rule"] == rule for r in per_prompt) for rule in RUN_ON_RULES}
+            for model in ("base", "finetuned")
         },
     }
     if with_ref:
@@ -210,7 +255,8 @@ def markdown_report(
         "",
     ]
     for i, (p, row) in enumerate(zip(prompts, metrics["per_prompt"], strict=True), start=1):
-        lines += [f"## {i}. {p.text.splitlines()[0]}", "", f"cosine {row['cosine']}", ""]
+        rules = f"run-on: base {row['base_run_on_rule'] or 'no'}, fine-tuned {row['finetuned_run_on_rule'] or 'no'}"
+        lines += [f"## {i}. {p.text.splitlines()[0]}", "", f"cosine {row['cosine']}; {rules}", ""]
         lines += ["| base | fine-tuned |", "|---|---|"]
         cell = lambda g: g.text.replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"  # noqa: E731
         lines += [f"| {cell(base[i - 1])} | {cell(tuned[i - 1])} |", ""]
@@ -224,10 +270,11 @@ def main() -> None:
     params = load_params()
     settings = params.eval.generate
     tokenizer = load_tokenizer(params.model)
-    prompts = build_prompts(params, tokenizer)
+    template = load_meta().template
+    prompts = build_prompts(params, tokenizer, template)
     embedder = load_embedder(settings.embedder)
     model = load_finetuned(params.model, ADAPTER_DIR)
-    tuned, base = generate_both(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
+    tuned, base = generate_both(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, template)
     metrics = compare(prompts, base, tuned, embedder)
     log.info(
         "mean cosine %.3f over %d prompts; words base %.0f -> fine-tuned %.0f; run-on %.2f -> %.2f",

@@ -22,8 +22,7 @@ from stages.common.io import atomic_path, read_json, write_json
 from stages.common.model_card import evaluation_figures, model_card
 from stages.common.params import load_params
 from stages.common.paths import ADAPTER_DIR, GGUF_DIR, MERGED_DIR
-from stages.common.prompt import format_prompt
-from stages.common.templates import modelfile
+from stages.common.templates import modelfile, render_chat, trained_template
 
 log = logging.getLogger("pipeline")
 
@@ -37,7 +36,7 @@ def greedy_answer(model: Any, ids: torch.Tensor, eos_token_id: int) -> list[int]
     return out[0, ids.shape[1] :].tolist()
 
 
-def round_trip(merged: Path, tokenizer: Any, gguf: Path, prompt: str) -> dict[str, Any]:
+def round_trip(merged: Path, tokenizer: Any, gguf: Path, prompt: str, add_special_tokens: bool) -> dict[str, Any]:
     """Greedy answers of the merged folder and of the GGUF read back, both in float32 on CPU, and the largest
     difference of their next-token logits over the prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,8 +49,9 @@ def round_trip(merged: Path, tokenizer: Any, gguf: Path, prompt: str) -> dict[st
         log.warning("round trip not checked: transformers cannot read this GGUF back (%s)", reason)
         return {"checked": False, "reason": reason}
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    same_tokens = exported_tokenizer(prompt, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+    exported_ids = exported_tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+    same_tokens = exported_ids.tolist() == ids.tolist()
     with torch.no_grad():
         logit_gap = (reference(ids).logits - exported(ids).logits).abs().max().item()
     expected = greedy_answer(reference, ids, tokenizer.eos_token_id)
@@ -91,17 +91,18 @@ def main() -> None:
     gguf_type, name = params.export.gguf_type, params.package.name
     made_with = read_json(ADAPTER_DIR / "params.json")
     tokenizer = AutoTokenizer.from_pretrained(MERGED_DIR)
-    prompt = format_prompt(params.eval.generate.prompts[0])
+    template = trained_template(made_with, tokenizer)
+    prompt = render_chat([{"role": "user", "content": params.eval.generate.prompts[0]}], tokenizer, template)
     with atomic_path(GGUF_DIR, directory=True) as tmp:
         convert(MERGED_DIR, tmp / GGUF_FILE, gguf_type, name)
-        check = round_trip(MERGED_DIR, tokenizer, tmp / GGUF_FILE, prompt)
+        check = round_trip(MERGED_DIR, tokenizer, tmp / GGUF_FILE, prompt, template == "alpaca")
         if check["checked"] and not check["same_greedy_answer"] and lossless(gguf_type, params.export.dtype):
             raise PipelineError(
                 f"{GGUF_DIR / GGUF_FILE}: read back, the {gguf_type} GGUF answers differently from {MERGED_DIR} "
                 f"(largest logit difference {check['max_logit_difference']}); the export is not written"
             )
         write_json(tmp / "round_trip.json", check)
-        (tmp / "Modelfile").write_text(modelfile(GGUF_FILE, tokenizer.eos_token), encoding="utf-8")
+        (tmp / "Modelfile").write_text(modelfile(GGUF_FILE, template, tokenizer.eos_token), encoding="utf-8")
         notes = (
             f"GGUF type {gguf_type}, converted from the merged model ({params.export.dtype}) by llama.cpp's converter",
             round_trip_note(check, gguf_type),

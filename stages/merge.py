@@ -21,7 +21,7 @@ from stages.common.model_card import evaluation_figures, model_card
 from stages.common.models import DTYPES, load_finetuned, load_tokenizer
 from stages.common.params import ModelParams, load_params
 from stages.common.paths import ADAPTER_DIR, MERGED_DIR
-from stages.common.templates import ALPACA_JINJA
+from stages.common.templates import ALPACA_JINJA, trained_template
 
 log = logging.getLogger("pipeline")
 
@@ -34,8 +34,9 @@ def main() -> None:
     merged = model.merge_and_unload().to(DTYPES[params.export.dtype])
     rename_base(merged, params.model.name)
     tokenizer = load_tokenizer(params.model)
-    tokenizer.chat_template = ALPACA_JINJA  # the format it was trained in, for apply_chat_template and the GGUF
     made_with = read_json(ADAPTER_DIR / "params.json")
+    if trained_template(made_with, tokenizer) == "alpaca":  # the trained format, for apply_chat_template and the GGUF
+        tokenizer.chat_template = ALPACA_JINJA
     notes = [f"weights: {params.export.dtype}, base and LoRA update added in float32"]
     if params.model.quantization != "none":
         notes.append(

@@ -106,6 +106,11 @@ def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
         )
     lines = ["| figure | base | fine-tuned |", "|---|---|---|"]
     lines += [f"| {name} | {base:.3f} | {tuned:.3f} |" for name, base, tuned in rows]
+    rules = cosine["run_on_rules"]
+    fired = [rule for rule in rules["base"] if rules["base"][rule] or rules["finetuned"][rule]]
+    lines += [
+        f"| run on by rule: {rule} (outputs) | {rules['base'][rule]} | {rules['finetuned'][rule]} |" for rule in fired
+    ]
     lines += [
         "",
         f"Mean cosine similarity of base vs fine-tuned generations: **{cosine['mean']:.3f}** over "

@@ -2,7 +2,8 @@
 
     python -m stages.prepare_subset
 
-Reads `data.source` (a local JSONL/JSON/Parquet file, or `hub:<dataset id>` such as `hub:tatsu-lab/alpaca`);
+Reads `data.source` (a local JSONL/JSON/Parquet file, or `hub:<dataset id>` such as `hub:tatsu-lab/alpaca`) in
+`data.format` (alpaca, messages or sharegpt; auto: the first record's; sharegpt is kept as messages);
 writes data/subset/train.jsonl and data/subset/eval.jsonl (disjoint by content, shuffled with `data.seed`) and
 source.json (the data params, which travel on with the data to the adapter's params.json and model card).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, write_json, write_jsonl
@@ -21,9 +23,15 @@ from stages.common.records import read_records
 log = logging.getLogger("pipeline")
 
 
-def content_key(record: dict[str, str]) -> tuple[str, ...]:
-    """What makes two records the same example: their text, compared without case or spacing differences."""
-    return tuple(" ".join(record[field].split()).casefold() for field in ("instruction", "input", "output"))
+def content_key(record: dict[str, Any]) -> tuple[str, ...]:
+    """What makes two records the same example: their text (every turn's, with its role, for a conversation),
+    compared without case or spacing differences."""
+    texts = (
+        [f"{m['role']}: {m['content']}" for m in record["messages"]]
+        if "messages" in record
+        else [record[field] for field in ("instruction", "input", "output")]
+    )
+    return tuple(" ".join(text.split()).casefold() for text in texts)
 
 
 def unique_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -32,7 +40,7 @@ def unique_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
     seen: set[tuple[str, ...]] = set()
     unique = [r for r in records if not (content_key(r) in seen or seen.add(content_key(r)))]
     if len(unique) < len(records):
-        log.info("removed %d duplicate records (same instruction, input and output)", len(records) - len(unique))
+        log.info("removed %d duplicate records (the same text throughout)", len(records) - len(unique))
     return unique
 
 
@@ -55,7 +63,7 @@ def split_records(records: list[dict], params: DataParams) -> tuple[list[dict], 
 
 def main() -> None:
     params = load_params()
-    records = read_records(params.data.source, params.data.split, params.data.revision)
+    records = read_records(params.data.source, params.data.split, params.data.revision, params.data.format)
     train, held_out = split_records(records, params.data)
     with atomic_path(SUBSET_DIR, directory=True) as tmp:
         write_jsonl(tmp / "train.jsonl", train)

@@ -9,13 +9,18 @@ from lora_dvc.chat import Conversation, Printer
 from stages.common.prompt import format_prompt
 
 
-def test_earlier_turns_go_back_into_the_prompt_in_the_trained_format():
-    conversation = Conversation([("Name a colour.", "Blue. ")])
-    assert conversation.prompt("Another?") == format_prompt("Name a colour.") + "Blue.\n\n" + format_prompt("Another?")
+def test_earlier_turns_go_back_into_the_prompt_in_the_trained_format(tokenizer):
+    """As training saw a conversation: each answer ended by eos, then the next instruction; or the chat template."""
+    conversation = Conversation(tokenizer, "alpaca", [("Name a colour.", "Blue. ")])
+    expected = format_prompt("Name a colour.") + f"Blue.{tokenizer.eos_token}\n\n" + format_prompt("Another?")
+    assert conversation.prompt("Another?") == expected
+    chat = Conversation(tokenizer, "chat", [("Name a colour.", "Blue.")])
+    expected = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
+    assert expected in chat.prompt("Another?") and chat.prompt("Another?").endswith("<|im_start|>assistant\n")
 
 
-def test_the_oldest_turns_go_first_when_the_prompt_is_too_long():
-    conversation = Conversation([("a " * 50, "x"), ("b", "y")])
+def test_the_oldest_turns_go_first_when_the_prompt_is_too_long(tokenizer):
+    conversation = Conversation(tokenizer, "alpaca", [("a " * 50, "x"), ("b", "y")])
     prompt = conversation.fit("c", lambda text: text.split(), budget=12)
     assert conversation.turns == [("b", "y")] and "a a" not in prompt and prompt.endswith(format_prompt("c"))
 
@@ -26,6 +31,13 @@ def test_a_run_on_into_a_new_section_is_cut_where_it_starts_even_across_chunks()
     for chunk in ["Blue is calm", ".\n#", "## Instr", "uction:\nmore"]:
         printer.put(chunk)
     assert printer.end() == "Blue is calm." and out.getvalue() == "Blue is calm.\n"
+
+
+def test_under_a_chat_template_nothing_is_held_back():
+    out = io.StringIO()
+    printer = Printer(out, stop=None)
+    printer.put("Use C#\n#")
+    assert out.getvalue() == "Use C#\n#" and printer.end() == "Use C#\n#"
 
 
 def test_text_that_only_looks_like_the_start_of_a_section_is_shown_in_the_end():

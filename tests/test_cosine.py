@@ -4,21 +4,28 @@ import pytest
 
 from stages.common.errors import PipelineError
 from stages.common.params import parse_params
-from stages.evaluate_cosine import Generation, build_prompts, runs_on, word_count
+from stages.evaluate_cosine import Generation, build_prompts, run_on_rule, word_count
 from tests.conftest import REPO, load_yaml
+
+PARAGRAPH = "The warrior walked into the cave and the dragon woke up slowly."
 
 
 @pytest.mark.parametrize(
-    ("text", "hit_limit", "expected"),
+    ("generation", "rule"),
     [
-        ("Paris is the capital of France.", False, False),
-        ("Paris.\n\n### Instruction:\nName another city.", False, True),
-        ("Paris is the capital of France.", True, True),
-        ("the brave warrior fought the dragon " * 3, False, True),
+        (Generation("Paris is the capital of France.", False), None),
+        (Generation("Paris is the capital of France.", True), "token_limit"),
+        (Generation("Paris.\n\n### Instruction:\nName another city.", False), "heading_echo"),
+        (Generation("Paris.\n\n### Output:\nParis.", False), "heading_echo"),
+        (Generation("Paris.\nUser: and Rome?", False), "heading_echo"),
+        (Generation("Paris.\nuser\nand Rome?", False, turn_marker=True), "turn_marker"),
+        (Generation(f"{PARAGRAPH}\n\nThen:\n\n{PARAGRAPH}", False), "repeated_paragraph"),
+        (Generation("the brave warrior fought the dragon " * 3, False), "repeated_phrase"),
+        (Generation("Use C# or F# here: both work.\n\n# is a comment in Python.", False), None),
     ],
 )
-def test_run_on_detection(text, hit_limit, expected):
-    assert runs_on(Generation(text, hit_limit)) is expected
+def test_each_run_on_rule_fires_on_its_own_case(generation, rule):
+    assert run_on_rule(generation) == rule
 
 
 def test_word_count_counts_words_not_punctuation():
@@ -42,10 +49,15 @@ def subset(tmp_path, monkeypatch, records):
 
 
 def test_prompts_are_configured_then_held_out_with_references(subset, tokenizer, records):
-    prompts = build_prompts(params_with(prompts=["Tell me a story."], held_out_prompts=2), tokenizer)
+    prompts = build_prompts(params_with(prompts=["Tell me a story."], held_out_prompts=2), tokenizer, "alpaca")
     assert [p.reference for p in prompts][0] is None
     assert len(prompts) == 3 and all(p.reference for p in prompts[1:])
     assert all(len(tokenizer(p.model_input)["input_ids"]) <= 64 for p in prompts)
+    assert prompts[0].model_input == "### Instruction:\nTell me a story.\n\n### Response:\n"
+    chat = build_prompts(params_with(prompts=["Tell me a story."], held_out_prompts=2), tokenizer, "chat")
+    assert [p.reference for p in chat] == [p.reference for p in prompts]
+    assert all(p.model_input.endswith("<|im_start|>assistant\n") for p in chat)
+    assert "<|im_start|>user\nTell me a story.<|im_end|>" in chat[0].model_input
 
 
 @pytest.mark.parametrize(
@@ -58,7 +70,7 @@ def test_prompts_are_configured_then_held_out_with_references(subset, tokenizer,
 )
 def test_bad_prompts_are_one_line_naming_the_key(subset, tokenizer, generate, message):
     with pytest.raises(PipelineError, match=message):
-        build_prompts(params_with(**generate), tokenizer)
+        build_prompts(params_with(**generate), tokenizer, "alpaca")
 
 
 def test_both_models_in_one_batch_generate_what_each_generates_alone(tiny_model_dir, tokenizer):
@@ -84,7 +96,7 @@ def test_both_models_in_one_batch_generate_what_each_generates_alone(tiny_model_
         new = ids[:, batch["input_ids"].shape[1] :]
         return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
-    tuned, base = generate_both(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    tuned, base = generate_both(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, template="alpaca")
     assert [g.text for g in tuned] == alone(True)
     assert [g.text for g in base] == alone(False)
     assert [g.text for g in tuned] != [g.text for g in base]

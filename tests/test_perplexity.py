@@ -18,8 +18,10 @@ def test_loss_sums_match_hand_computed_cross_entropy():
 
 
 def test_response_mask_covers_answer_tokens_only():
-    rows = [{"input_ids": [1, 2, 3, 4], "prompt_len": 2}, {"input_ids": [1, 2, 3], "prompt_len": 1}]
+    rows = [{"input_ids": [1, 2, 3, 4], "answer_spans": [[2, 4]]}, {"input_ids": [1, 2, 3], "answer_spans": [[1, 3]]}]
     assert response_mask(rows, 6).tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]]
+    two_turns = [{"input_ids": [1, 2, 3, 4, 5, 6, 7], "answer_spans": [[1, 3], [5, 7]]}]  # every assistant turn
+    assert response_mask(two_turns, 8).tolist() == [[0, 1, 1, 0, 0, 1, 1, 0]]
 
 
 def rows_for(tokenizer):
@@ -28,7 +30,7 @@ def rows_for(tokenizer):
     for prompt, answer in texts:
         p = tokenizer(prompt)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({"input_ids": p + a, "labels": p + a, "prompt_len": len(p)})
+        rows.append({"input_ids": p + a, "labels": p + a, "answer_spans": [[len(p), len(p + a)]]})
     return rows
 
 
@@ -55,4 +57,4 @@ def test_response_perplexity_ignores_what_padding_holds(tiny_model_dir, tokenize
     other = perplexities(model, rows, tokenizer.pad_token_id + 7, 32, batch_size=2, desc="test")
     assert math.isclose(first["perplexity"]["response"], other["perplexity"]["response"], rel_tol=1e-5)
     assert first["perplexity"]["seed"] != other["perplexity"]["seed"]
-    assert first["tokens"]["response"] == sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+    assert first["tokens"]["response"] == sum(len(r["input_ids"]) - r["answer_spans"][0][0] for r in rows)

@@ -42,7 +42,7 @@ def tiny_params(tiny_model_dir, **changes):
 
 
 def tiny_rows(tokenizer, records, params):
-    return [tokenize_record(r, tokenizer, params.tokenize) for r in records]
+    return [tokenize_record(r, tokenizer, params.tokenize, "alpaca") for r in records]
 
 
 def report(name, value):
@@ -59,7 +59,7 @@ def test_the_loss_of_a_tiny_seeded_run_is_pinned(tiny_model_dir, tokenizer, reco
     # a high learning rate over 4 steps, so the optimizer's maths shows in the losses, not only the loss's
     params = tiny_params(tiny_model_dir, **{"train.learning_rate": 0.01, "train.epochs": 2})
     rows = tiny_rows(tokenizer, records, params)
-    meta = TokenizedMeta(tokenizer.pad_token_id, 64, "completion", "longest")
+    meta = TokenizedMeta(tokenizer.pad_token_id, 64, "completion", "longest", "alpaca")
     runtime = Runtime(rank=0, local_rank=0, world_size=1, cuda=False)
     model, _ = build_model(params, runtime)
     result = fit(model, TrainingData(meta, rows[:8] * 2, rows[8:]), params, runtime)
@@ -108,7 +108,8 @@ def test_perplexity_is_token_weighted_over_batches_of_unequal_token_counts(tiny_
         )
     answer = torch.zeros_like(losses)
     for i, row in enumerate(rows):
-        answer[i, row["prompt_len"] - 1 : len(row["input_ids"]) - 1] = 1
+        [[start, end]] = row["answer_spans"]
+        answer[i, start - 1 : end - 1] = 1
     by_hand = math.exp((losses * answer).sum().item() / answer.sum().item())
     assert response[0] == pytest.approx(by_hand, rel=1e-5)
     per_batch_mean = (

@@ -23,7 +23,9 @@ GOOD = json.dumps({"instruction": "Add 2 and 2.", "input": "", "output": "4"})
         (json.dumps({"instruction": "x"}), "rows.jsonl:2: missing field 'output'"),
         (json.dumps({"instruction": "x", "output": 3}), "rows.jsonl:2: field 'output' must be a string, got int"),
         (json.dumps({"instruction": " ", "output": "y"}), "rows.jsonl:2: field 'instruction' is empty"),
-        (json.dumps(["x", "y"]), "rows.jsonl:2: expected a JSON object, got list"),
+        (json.dumps(["x", "y"]), "rows.jsonl:2: fits none of the formats: alpaca (instruction, output), messages"),
+        (json.dumps({"prompt": "x", "completion": "y"}), "rows.jsonl:2: fits none of the formats"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "rows.jsonl:2: not in the alpaca format"),
         (b'{"instruction": "caf\xe9", "output": "y"}', "rows.jsonl:2: not UTF-8 text"),
     ],
 )
@@ -32,6 +34,55 @@ def test_bad_row_names_file_and_line(tmp_path, line, message):
     with pytest.raises(PipelineError) as err:
         read_records(str(path))
     assert message in str(err.value)
+
+
+def turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+CONVERSATION = [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "2+2?")]
+CONVERSATION += [turn("assistant", "4")]
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "messages", "sharegpt"])
+def test_messages_and_sharegpt_read_as_the_same_conversation(tmp_path, fmt):
+    messages = write_lines(tmp_path / "m.jsonl", [json.dumps({"messages": CONVERSATION})])
+    sharegpt = [{"from": SHAREGPT_ROLES[t["role"]], "value": t["content"]} for t in CONVERSATION]
+    shared = write_lines(tmp_path / "s.jsonl", [json.dumps({"conversations": sharegpt, "id": "x1"})])
+    expected = [{"messages": CONVERSATION}]
+    if fmt in ("auto", "messages"):
+        assert read_records(str(messages), fmt=fmt) == expected
+    if fmt in ("auto", "sharegpt"):
+        assert read_records(str(shared), fmt=fmt) == expected
+
+
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([], "m.jsonl:2: field 'messages' must be a non-empty list"),
+        ([turn("assistant", "x")], "m.jsonl:2: messages[0]: expected the user turn here, got assistant"),
+        ([turn("user", "a"), turn("user", "b")], "m.jsonl:2: messages[1]: expected the assistant turn here, got user"),
+        ([turn("user", "a")], "m.jsonl:2: messages must end with an assistant turn"),
+        ([turn("user", "a"), turn("tool", "b")], "m.jsonl:2: messages[1].role is 'tool'; expected one of system"),
+        ([turn("user", "a"), {"role": "assistant"}], "m.jsonl:2: messages[1] must be an object with 'role' and"),
+        ([turn("user", "a"), turn("assistant", " ")], "m.jsonl:2: field 'messages[1].content' is empty"),
+    ],
+)
+def test_a_bad_conversation_names_file_line_and_turn(tmp_path, turns, message):
+    good = json.dumps({"messages": CONVERSATION})
+    path = write_lines(tmp_path / "m.jsonl", [good, json.dumps({"messages": turns})])
+    with pytest.raises(PipelineError) as err:
+        read_records(str(path))
+    assert message in str(err.value)
+
+
+def test_auto_takes_the_first_records_format_and_holds_the_rest_to_it(tmp_path):
+    path = write_lines(tmp_path / "mixed.jsonl", [json.dumps({"messages": CONVERSATION}), GOOD])
+    with pytest.raises(PipelineError, match=r"mixed.jsonl:2: not in the messages format .*set data.format: alpaca"):
+        read_records(str(path))
+    with pytest.raises(PipelineError, match=r"mixed.jsonl:1: not in the sharegpt format"):
+        read_records(str(path), fmt="sharegpt")
 
 
 def test_empty_file_is_an_error(tmp_path):
@@ -74,17 +125,17 @@ def test_hub_loader_failure_is_one_line(tmp_path):
 
 
 def test_split_is_seeded_and_disjoint(records):
-    params = DataParams("x", None, "train", 8, 3, seed=7)
+    params = DataParams("x", "auto", None, "train", 8, 3, seed=7)
     train, held_out = split_records(records, params)
     assert (len(train), len(held_out)) == (8, 3)
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held_out}
     assert split_records(records, params) == (train, held_out)
-    assert split_records(records, DataParams("x", None, "train", 8, 3, seed=8)) != (train, held_out)
+    assert split_records(records, DataParams("x", "auto", None, "train", 8, 3, seed=8)) != (train, held_out)
 
 
 def test_eval_size_above_the_data_names_the_keys(records):
     with pytest.raises(PipelineError, match=r"data.train_size \+ data.eval_size = 8 \+ 5 = 13 is more than the 12"):
-        split_records(records, DataParams("x", None, "train", 8, 5, seed=0))
+        split_records(records, DataParams("x", "auto", None, "train", 8, 5, seed=0))
 
 
 def test_duplicates_never_straddle_the_split(records, caplog):
@@ -93,7 +144,7 @@ def test_duplicates_never_straddle_the_split(records, caplog):
     pool = records + copies
     for seed in range(10):
         with caplog.at_level("INFO", logger="pipeline"):
-            train, held_out = split_records(pool, DataParams("x", None, "train", 9, 3, seed=seed))
+            train, held_out = split_records(pool, DataParams("x", "auto", None, "train", 9, 3, seed=seed))
         keys = {content_key(r) for r in train}
         assert not keys & {content_key(r) for r in held_out}
         assert len(keys) == len(train)
@@ -102,4 +153,11 @@ def test_duplicates_never_straddle_the_split(records, caplog):
 
 def test_unique_records_only_shrinks_the_pool_for_real_duplicates(records):
     with pytest.raises(PipelineError, match=r"= 13 is more than the 12 unique records"):
-        split_records(records + records[:3], DataParams("x", None, "train", 10, 3, seed=0))
+        split_records(records + records[:3], DataParams("x", "auto", None, "train", 10, 3, seed=0))
+
+
+def test_conversations_differing_only_in_case_and_spacing_are_one_example():
+    other = [{**t, "content": "  " + t["content"].upper()} for t in CONVERSATION]
+    assert content_key({"messages": CONVERSATION}) == content_key({"messages": other})
+    reordered = [CONVERSATION[0], CONVERSATION[3], CONVERSATION[2], CONVERSATION[1], CONVERSATION[4]]
+    assert content_key({"messages": CONVERSATION}) != content_key({"messages": reordered})

@@ -22,10 +22,8 @@ PROMPT = "### Instruction:\nName three colours.\n\n### Response:\n"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, trained_project):
-    root = copy_project(trained_project[0], tmp_path_factory.mktemp("ship") / "project")
-    set_params(root, {"export.dtype": "float32"})
-    run(root, "dvc", "repro")
-    return root
+    """A copy of the trained tiny project: its run already merged (float16) and exported (f16 GGUF), the defaults."""
+    return copy_project(trained_project[0], tmp_path_factory.mktemp("ship") / "project")
 
 
 def logits_of(project, code: str) -> list[float]:
@@ -61,41 +59,6 @@ def largest_gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def test_the_merged_model_needs_no_peft_and_gives_base_plus_adapter_logits(project):
-    reference = logits_of(project, BASE_PLUS_ADAPTER)
-    # what the adapter changes at all: the base alone against base + adapter (the scale the tolerances are set by)
-    adapter_effect = largest_gap(logits_of(project, MERGED.replace('"models/merged"', f'"{TINY_MODEL}"')), reference)
-    float32_gap = largest_gap(logits_of(project, MERGED), reference)
-    assert float32_gap < 1e-5 < adapter_effect / 100, (float32_gap, adapter_effect)  # float32 weights: rounding only
-    # the default export.dtype: float16 weights, within half precision's rounding, far below the adapter's effect
-    set_params(project, {"export.dtype": "float16"})
-    run(project, "dvc", "repro", "merge")
-    float16_gap = largest_gap(logits_of(project, MERGED), reference)
-    assert float16_gap < adapter_effect / 10, (float16_gap, adapter_effect)
-
-
-def card_parts(text: str) -> tuple[dict, list[str]]:
-    front = yaml.safe_load(text.split("---\n")[1])
-    return front, re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-@pytest.mark.parametrize("where", ["models/merged/README.md", "models/adapter.zip:README.md", "models/gguf/README.md"])
-def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_written(project, where):
-    if ":" in where:
-        archive, member = where.split(":")
-        text = zipfile.ZipFile(project / archive).read(member).decode()
-    else:
-        text = (project / where).read_text()
-    front, snippets = card_parts(text)
-    assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers", "gguf")
-    perplexity = json.loads((project / "metrics/perplexity.json").read_text())
-    assert f"{perplexity['finetuned']['response']:.3f}" in text and f"{perplexity['base']['response']:.3f}" in text
-    assert TINY_MODEL in text and "r=4" in text
-    [snippet] = snippets
-    answer = run(project, sys.executable, "-c", snippet).stdout
-    assert answer.startswith("### Instruction:")  # it generated from the card's prompt
-
-
 GREEDY = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,9 +82,7 @@ def test_the_gguf_export_reads_back_with_the_merged_models_greedy_answer(project
     """f16 holds the float16 merged weights exactly: the same sixteen greedy tokens; q8_0 is about half the size and
     within its rounding: the same first eight tokens (this random model's next-token scores are so close together that
     8-bit rounding flips a later one). The Modelfile points at the file and stops where an answer ends."""
-    set_params(project, {"export.dtype": "float16", "export.gguf_type": "f16"})
-    run(project, "dvc", "repro", "export_gguf")
-    expected = greedy(project, "models/merged")
+    expected = greedy(project, "models/merged")  # the defaults: float16 merged weights, an f16 GGUF
     assert greedy(project, "models/gguf", "model.gguf") == expected
     assert json.loads((project / "models/gguf/round_trip.json").read_text())["same_greedy_answer"] is True
     f16_size = (project / "models/gguf/model.gguf").stat().st_size
@@ -133,8 +94,6 @@ def test_the_gguf_export_reads_back_with_the_merged_models_greedy_answer(project
     assert (project / "models/gguf/model.gguf").stat().st_size < 0.7 * f16_size
     quantized = greedy(project, "models/gguf", "model.gguf")
     assert quantized[:8] == expected[:8]
-    set_params(project, {"export.dtype": "float32", "export.gguf_type": "f16"})
-    run(project, "dvc", "repro")
 
 
 def test_a_merged_model_the_converter_cannot_read_is_one_line_and_keeps_the_last_export(project):
@@ -151,6 +110,41 @@ def test_a_merged_model_the_converter_cannot_read_is_one_line_and_keeps_the_last
     assert "llama.cpp's converter failed" in errors[0] and "NoSuchModelForCausalLM" in errors[0], errors
     assert (project / "models/gguf/model.gguf").read_bytes() == before
     assert not list((project / "models").glob(".gguf.*.tmp"))
+
+
+def test_the_merged_model_needs_no_peft_and_gives_base_plus_adapter_logits(project):
+    reference = logits_of(project, BASE_PLUS_ADAPTER)
+    # what the adapter changes at all: the base alone against base + adapter (the scale the tolerances are set by)
+    adapter_effect = largest_gap(logits_of(project, MERGED.replace('"models/merged"', f'"{TINY_MODEL}"')), reference)
+    # the default export.dtype: float16 weights, within half precision's rounding, far below the adapter's effect
+    float16_gap = largest_gap(logits_of(project, MERGED), reference)
+    assert float16_gap < adapter_effect / 10, (float16_gap, adapter_effect)
+    set_params(project, {"export.dtype": "float32"})
+    run(project, "dvc", "repro", "merge")
+    float32_gap = largest_gap(logits_of(project, MERGED), reference)
+    assert float32_gap < 1e-5 < adapter_effect / 100, (float32_gap, adapter_effect)  # float32 weights: rounding only
+
+
+def card_parts(text: str) -> tuple[dict, list[str]]:
+    front = yaml.safe_load(text.split("---\n")[1])
+    return front, re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("where", ["models/merged/README.md", "models/adapter.zip:README.md", "models/gguf/README.md"])
+def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_written(project, where):
+    if ":" in where:
+        archive, member = where.split(":")
+        text = zipfile.ZipFile(project / archive).read(member).decode()
+    else:
+        text = (project / where).read_text()
+    front, snippets = card_parts(text)
+    assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers", "gguf")
+    perplexity = json.loads((project / "metrics/perplexity.json").read_text())
+    assert f"{perplexity['finetuned']['response']:.3f}" in text and f"{perplexity['base']['response']:.3f}" in text
+    assert TINY_MODEL in text and "r=4" in text
+    [snippet] = snippets
+    answer = run(project, sys.executable, "-c", snippet).stdout
+    assert answer.startswith("### Instruction:")  # it generated from the card's prompt
 
 
 def chat(project, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ def project(tmp_path_factory, tiny_model_dir):
     root = make_project(tmp_path_factory.mktemp("sweep"), tiny_model_dir)
     run(root, "dvc", "add", TINY_MODEL)  # queued experiments run in a fresh copy: the local base must be in DVC
     commit(root, "track the local base model")
-    run(root, "dvc", "repro")
+    run(root, "dvc", "repro", "finetune")  # a sweep's figures here are finetune's: the rest is the same for each run
     commit(root, "baseline run")
     return root
 
@@ -34,7 +34,7 @@ def wait_for_queue(root, timeout: float = 900) -> str:
 
 
 def test_two_queued_experiments_run_on_two_workers_and_compare(project):
-    queued = run(project, "dvc", "exp", "run", "--queue", "-S", "lora.r=2,8")
+    queued = run(project, "dvc", "exp", "run", "--queue", "-S", "lora.r=2,8", "finetune")
     assert queued.stdout.count("Queued experiment") == 2
     run(project, "dvc", "queue", "start", "-j", "2")
     status = wait_for_queue(project)

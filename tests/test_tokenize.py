@@ -19,16 +19,17 @@ def test_prompt_puts_instruction_then_optional_input_then_response_marker():
 
 
 def test_full_mask_labels_every_token_and_ends_with_eos(tokenizer):
-    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "full", "max_length"))
+    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "alpaca", "full", "max_length"), "alpaca")
     assert row["labels"] == row["input_ids"]
     assert row["input_ids"][-1] == tokenizer.eos_token_id
-    answer = tokenizer.decode(row["input_ids"][row["prompt_len"] :], skip_special_tokens=True)
-    assert answer == "Red."
+    [[start, end]] = row["answer_spans"]
+    assert end == len(row["input_ids"])
+    assert tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True) == "Red."
 
 
 def test_completion_mask_ignores_the_prompt_only(tokenizer):
-    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "completion", "longest"))
-    n = row["prompt_len"]
+    row = tokenize_record(RECORD, tokenizer, TokenizeParams(128, "alpaca", "completion", "longest"), "alpaca")
+    [[n, _]] = row["answer_spans"]
     assert row["labels"][:n] == [IGNORE_INDEX] * n
     assert row["labels"][n:] == row["input_ids"][n:]
     assert tokenizer.decode(row["input_ids"][:n]) == format_prompt(RECORD["instruction"])
@@ -36,8 +37,9 @@ def test_completion_mask_ignores_the_prompt_only(tokenizer):
 
 def test_rows_are_cut_at_max_length(tokenizer):
     long = {**RECORD, "output": "word " * 200}
-    row = tokenize_record(long, tokenizer, TokenizeParams(32, "completion", "longest"))
+    row = tokenize_record(long, tokenizer, TokenizeParams(32, "alpaca", "completion", "longest"), "alpaca")
     assert len(row["input_ids"]) == len(row["labels"]) == 32
+    assert row["answer_spans"][-1][1] == 32
 
 
 @pytest.mark.parametrize(
@@ -46,10 +48,11 @@ def test_rows_are_cut_at_max_length(tokenizer):
 )
 def test_collator_pads_as_meta_says(loss_mask, padding, width, label_pad):
     rows = [
-        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "prompt_len": 1},
-        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "prompt_len": 2},
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "answer_spans": [[1, 3]]},
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "answer_spans": [[2, 5]]},
     ]
-    batch = Collator(TokenizedMeta(pad_token_id=2, max_length=16, loss_mask=loss_mask, padding=padding))(rows)
+    meta = TokenizedMeta(pad_token_id=2, max_length=16, loss_mask=loss_mask, padding=padding, template="alpaca")
+    batch = Collator(meta)(rows)
     assert batch["input_ids"].shape == (2, width)
     assert batch["input_ids"][0, 3:].eq(2).all()
     assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * (width - 3)
@@ -71,11 +74,11 @@ def test_rows_without_an_answer_token_are_counted_and_dropped_under_completion(t
     long_prompt = {**RECORD, "instruction": "Explain " * 60}
     path = subset_file(tmp_path, [RECORD, long_prompt, RECORD])
     with caplog.at_level("WARNING", logger="pipeline"):
-        rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "completion", "longest"))
+        rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "alpaca", "completion", "longest"), "alpaca")
     assert counts == {"rows_read": 3, "rows_cut_at_max_length": 1, "rows_without_answer": 1, "rows": 2}
     assert all(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
     assert "1 of 3 rows have no answer token left" in caplog.text
-    rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "full", "longest"))
+    rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "alpaca", "full", "longest"), "alpaca")
     assert (len(rows), counts["rows_without_answer"]) == (3, 1)  # full trains on the prompt too: kept
 
 
@@ -85,4 +88,4 @@ def test_no_row_with_an_answer_left_is_an_error(tmp_path, tokenizer):
 
     path = subset_file(tmp_path, [{**RECORD, "instruction": "Explain " * 60}])
     with pytest.raises(PipelineError, match=r"train.jsonl: none of its 1 rows has an answer token within"):
-        tokenize_file(path, tokenizer, TokenizeParams(16, "completion", "longest"))
+        tokenize_file(path, tokenizer, TokenizeParams(16, "alpaca", "completion", "longest"), "alpaca")

@@ -19,7 +19,7 @@ def evaluation(tiny_model_dir, tmp_path_factory):
         {"input_ids": list(range(7, 7 + n)), "labels": [IGNORE_INDEX] * k + list(range(7 + k, 7 + n))}
         for n, k in SHAPES
     ]
-    meta = TokenizedMeta(pad_token_id=0, max_length=64, loss_mask="completion", padding="longest")
+    meta = TokenizedMeta(pad_token_id=0, max_length=64, loss_mask="completion", padding="longest", template="alpaca")
     args = TrainingArguments(
         output_dir=str(tmp_path_factory.mktemp("eval")), per_device_eval_batch_size=2, report_to="none", use_cpu=True
     )

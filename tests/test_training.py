@@ -79,7 +79,8 @@ def test_the_micro_batch_probe_compiles_the_graph_training_runs(tiny_model_dir, 
         {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
         {"input_ids": [8, 9, 10, 11], "labels": [-100, 9, 10, 11]},
     ]
-    batch = Collator(TokenizedMeta(pad_token_id=0, max_length=16, loss_mask="completion", padding="max_length"))(rows)
+    meta = TokenizedMeta(pad_token_id=0, max_length=16, loss_mask="completion", padding="max_length", template="alpaca")
+    batch = Collator(meta)(rows)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch).loss
     loss.backward()

@@ -84,11 +84,13 @@ def test_a_key_written_twice_is_refused_under_repro_naming_its_line(project):
     """DVC reads params.yaml itself before any stage (and refuses duplicate keys, naming line and column); run alone,
     a stage says the same in one line (tests/test_params.py)."""
     params = project / "params.yaml"
-    params.write_text(params.read_text().replace("  r: 4\n", "  r: 4\n  r: 8\n"))
+    text = params.read_text()
+    first = text[: text.index("  r: 4\n")].count("\n") + 1  # the line of the first "r:"
+    params.write_text(text.replace("  r: 4\n", "  r: 4\n  r: 8\n"))
     result = run(project, "dvc", "repro", check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output
-    assert 'found duplicate key "r"' in output and "line 20, column 3" in output
+    assert 'found duplicate key "r"' in output and f"line {first}, column 3" in output
 
 
 def corrupt_base_model(project) -> None:

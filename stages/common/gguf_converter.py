@@ -65,11 +65,13 @@ def convert(model_dir: Path, outfile: Path, gguf_type: str, name: str) -> None:
                "--outtype", gguf_type, "--model-name", name]  # fmt: skip
     log.info("converting %s to GGUF %s ...", model_dir, gguf_type)
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-    tail = b""
-    for chunk in iter(lambda: process.stderr.read1(4096), b""):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-4096:]
+    tail: list[str] = []
+    for raw in process.stderr:  # one line per tensor ("blk.0.attn_q.weight, torch.float16 --> F16") is left out
+        line = raw.decode(errors="replace")
+        if " --> " not in line:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        tail = [*tail[-19:], line] if line.strip() else tail
     if process.wait() != 0:
-        lines = [line for line in tail.decode(errors="replace").splitlines() if line.strip()] or ["no output"]
-        raise PipelineError(f"{model_dir}: llama.cpp's converter failed: {lines[-1].strip()}")
+        last = tail[-1].strip() if tail else "no output"
+        raise PipelineError(f"{model_dir}: llama.cpp's converter failed: {last}")

@@ -69,12 +69,39 @@ def load_base_code(model: dict[str, Any]) -> list[str]:
     ]
 
 
-def load_snippet(made_with: dict[str, Any], kind: str, folder: str, title: str) -> list[str]:
-    ask = [
-        'prompt = "### Instruction:\\nTell me a story about a brave warrior.\\n\\n### Response:\\n"',
-        'ids = tokenizer(prompt, return_tensors="pt")',
+def prompt_format_line(tokenize: dict[str, Any]) -> str:
+    template = tokenize.get("template", "alpaca")
+    described = {
+        "alpaca": "the alpaca text (`### Instruction:` ... `### Response:`)",
+        "chat": "the base tokenizer's chat template",
+    }.get(template, template)
+    loss = "answers only" if tokenize["loss_mask"] == "completion" else "every token"
+    return f"- prompt format: {described}; max length {tokenize['max_length']} tokens, loss on {loss}"
+
+
+def ask_lines(made_with: dict[str, Any], kind: str) -> list[str]:
+    """Python that asks in the trained format: the merged model's and the GGUF's tokenizer carry it as their chat
+    template; an adapter trained in the alpaca format is asked in its text (the base's own template is another)."""
+    question = "Tell me a story about a brave warrior."
+    alpaca = made_with["tokenize"].get("template", "alpaca") == "alpaca"
+    if kind == "adapter" and alpaca:
+        prompt = [f'prompt = "### Instruction:\\n{question}\\n\\n### Response:\\n"']
+    else:
+        prompt = [
+            f'messages = [{{"role": "user", "content": "{question}"}}]',
+            "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+        ]
+    # as in training: the tokenizer's own special tokens under alpaca; a chat template writes its own
+    special = "" if alpaca else ", add_special_tokens=False"
+    return [
+        *prompt,
+        f'ids = tokenizer(prompt, return_tensors="pt"{special})',
         "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32)[0], skip_special_tokens=True))",
     ]
+
+
+def load_snippet(made_with: dict[str, Any], kind: str, folder: str, title: str) -> list[str]:
+    ask = ask_lines(made_with, kind)
     if kind == "adapter":
         code = [
             "from peft import PeftModel",
@@ -158,6 +185,7 @@ def model_card(
         f"- training: {train['epochs']} epoch(s), effective batch {train['effective_batch_size']}, "
         f"lr {train['learning_rate']}, weight decay {train['weight_decay']}, {train['precision']}",
         f"- data: `{data['source']}`, {data['train_size']} train / {data['eval_size']} eval rows, seed {data['seed']}",
+        prompt_format_line(made_with["tokenize"]),
         *(f"- {note}" for note in notes),
         *figures(metrics),
         "",

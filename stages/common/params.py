@@ -90,6 +90,7 @@ DATA_LOCATION = _check(
 @dataclass(frozen=True)
 class DataParams:
     source: str = field(metadata=DATA_LOCATION)  # a file under data/raw/, or "hub:<dataset id>"
+    format: Literal["auto", "alpaca", "messages", "sharegpt"]  # stages/common/records.py
     revision: str | None
     split: str = field(metadata=NOT_EMPTY)
     train_size: int = field(metadata=between(1, 10_000_000))
@@ -109,6 +110,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TokenizeParams:
     max_length: int = field(metadata=between(8, 1_048_576))  # and at most the model's context (tokenize checks)
+    template: Literal["auto", "alpaca", "chat"]  # stages/common/templates.py
     loss_mask: Literal["full", "completion"]
     padding: Literal["max_length", "longest"]
 

@@ -36,10 +36,11 @@ def loss_sums(
 
 
 def response_mask(rows: list[dict[str, Any]], width: int) -> torch.Tensor:
-    """1 where a position holds an answer token (after the prompt, before the padding)."""
+    """1 where a position holds an answer token (an assistant turn, not the prompt, not the padding)."""
     mask = torch.zeros((len(rows), width))
     for i, row in enumerate(rows):
-        mask[i, row["prompt_len"] : len(row["input_ids"])] = 1
+        for start, end in row["answer_spans"]:
+            mask[i, start:end] = 1
     return mask
 
 

@@ -1,8 +1,14 @@
-"""Instruction records ({instruction, input, output}) from a local JSONL/JSON/Parquet file or the Hugging Face hub.
+"""Training records from a local JSONL/JSON/Parquet file or the Hugging Face hub, in one of three formats:
 
-Only data formats are read (never pickles or code); every record is checked, and a bad one is an error naming
-where it came from (file:line for JSONL, file:record N otherwise).
-"""
+- `alpaca`: {instruction, input, output} (input optional), the seed recipe's;
+- `messages`: {"messages": [{role, content}, ...]}, the OpenAI-style chat format (roles system, user, assistant);
+- `sharegpt`: {"conversations": [{from, value}, ...]} (from: system, human/user, gpt/assistant).
+
+`data.format: auto` takes the format of the first record; every record must then fit it. Only data formats are read
+(never pickles or code); a bad record is an error naming where it came from (file:line for JSONL, file:record N
+otherwise) and the field. An alpaca record stays {instruction, input, output}; a conversation becomes
+{"messages": [...]}, system turn first if any, then user and assistant turns alternating, ending on an assistant
+turn: every assistant turn is an answer to train on."""
 
 from __future__ import annotations
 
@@ -17,32 +23,109 @@ from stages.common.io import read_jsonl
 log = logging.getLogger("pipeline")
 
 HUB_PREFIX = "hub:"
-REQUIRED = ("instruction", "output")
+FORMATS = {  # format -> the key that marks it
+    "alpaca": "instruction",
+    "messages": "messages",
+    "sharegpt": "conversations",
+}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FITS_NONE = (
+    "fits none of the formats: alpaca (instruction, output), messages (a list of {role, content}), "
+    "sharegpt (conversations of {from, value})"
+)
 
 
-def check_record(raw: Any, where: str) -> dict[str, str]:
-    """Return the record as {instruction, input, output} strings, or raise naming `where` and the field."""
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    for name in REQUIRED:
+def detect_format(raw: Any, where: str) -> str:
+    if isinstance(raw, dict):
+        for name, key in FORMATS.items():
+            if key in raw:
+                return name
+    raise PipelineError(f"{where}: {FITS_NONE}")
+
+
+def _text(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise PipelineError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise PipelineError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _alpaca(raw: dict, where: str) -> dict[str, str]:
+    for name in ("instruction", "output"):
         if name not in raw:
             raise PipelineError(f"{where}: missing field '{name}'")
-    record = {}
-    for name in ("instruction", "input", "output"):
-        value = (raw.get(name) or "") if name == "input" else raw[name]
-        if not isinstance(value, str):
-            raise PipelineError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-        record[name] = value
-    for name in REQUIRED:
-        if not record[name].strip():
-            raise PipelineError(f"{where}: field '{name}' is empty")
-    return record
+    extra = raw.get("input") or ""
+    if not isinstance(extra, str):
+        raise PipelineError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+    return {
+        "instruction": _text(raw["instruction"], where, "instruction"),
+        "input": extra,
+        "output": _text(raw["output"], where, "output"),
+    }
 
 
-def _read_file(path: Path) -> list[dict[str, str]]:
+def _turns(raw: dict, where: str, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    turns = raw[key]
+    if not isinstance(turns, list) or not turns:
+        raise PipelineError(f"{where}: field '{key}' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        field = f"{key}[{i}]"
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise PipelineError(f"{where}: {field} must be an object with '{role_key}' and '{text_key}'")
+        role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        if role is None:
+            raise PipelineError(
+                f"{where}: {field}.{role_key} is {turn[role_key]!r}; expected one of {', '.join(roles)}"
+            )
+        messages.append({"role": role, "content": _text(turn[text_key], where, f"{field}.{text_key}")})
+    _check_order(messages, where, key)
+    return messages
+
+
+def _check_order(messages: list[dict], where: str, key: str) -> None:
+    """System first (optional), then user/assistant alternating from a user turn, ending on an assistant turn."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise PipelineError(
+                f"{where}: {key}[{i}]: expected the {expected} turn here, got {message['role']} "
+                "(a system turn may come first, then user and assistant alternate)"
+            )
+    if messages[-1]["role"] != "assistant":
+        raise PipelineError(f"{where}: {key} must end with an assistant turn (the answer to train on)")
+
+
+def check_record(raw: Any, where: str, fmt: str = "auto") -> dict[str, Any]:
+    """The record in its kept shape ({instruction, input, output} or {messages}), or raise naming `where`."""
+    found = detect_format(raw, where)
+    if fmt != "auto" and found != fmt:
+        raise PipelineError(
+            f"{where}: not in the {fmt} format (it has '{FORMATS[found]}', as {found} records do); "
+            f"set data.format: {found}, or auto"
+        )
+    if found == "alpaca":
+        return _alpaca(raw, where)
+    if found == "messages":
+        roles = {r: r for r in ("system", "user", "assistant")}
+        return {"messages": _turns(raw, where, "messages", "role", "content", roles)}
+    return {"messages": _turns(raw, where, "conversations", "from", "value", SHAREGPT_ROLES)}
+
+
+def check_records(rows: list[tuple[str, Any]], fmt: str) -> list[dict[str, Any]]:
+    """Each (where, raw) row checked against `fmt`; under `auto`, the format of the first row."""
+    if rows and fmt == "auto":
+        fmt = detect_format(rows[0][1], rows[0][0])
+        log.info("data.format auto: %s (from %s)", fmt, rows[0][0])
+    return [check_record(raw, where, fmt) for where, raw in rows]
+
+
+def _read_file(path: Path) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return [check_record(raw, f"{path}:{line}") for line, raw in read_jsonl(path)]
+        return [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
     if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -52,7 +135,7 @@ def _read_file(path: Path) -> list[dict[str, str]]:
             raise PipelineError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(rows, list):
             raise PipelineError(f"{path}: expected a JSON list of records")
-        return [check_record(raw, f"{path}: record {i + 1}") for i, raw in enumerate(rows)]
+        return [(f"{path}: record {i + 1}", raw) for i, raw in enumerate(rows)]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -60,11 +143,11 @@ def _read_file(path: Path) -> list[dict[str, str]]:
             rows = pq.read_table(path).to_pylist()
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
-        return [check_record(raw, f"{path}: record {i + 1}") for i, raw in enumerate(rows)]
+        return [(f"{path}: record {i + 1}", raw) for i, raw in enumerate(rows)]
     raise PipelineError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(dataset_id: str, split: str, revision: str | None) -> list[dict[str, str]]:
+def _read_hub(dataset_id: str, split: str, revision: str | None) -> list[tuple[str, Any]]:
     """Load through `datasets` (hub id or a local dataset folder laid out like a hub repo)."""
     import datasets
 
@@ -75,17 +158,20 @@ def _read_hub(dataset_id: str, split: str, revision: str | None) -> list[dict[st
         raise PipelineError(
             f"data.source '{HUB_PREFIX}{dataset_id}': could not load split '{split}': {first}"
         ) from None
-    return [check_record(raw, f"{HUB_PREFIX}{dataset_id} record {i + 1}") for i, raw in enumerate(rows)]
+    return [(f"{HUB_PREFIX}{dataset_id} record {i + 1}", raw) for i, raw in enumerate(rows)]
 
 
-def read_records(source: str, split: str = "train", revision: str | None = None) -> list[dict[str, str]]:
+def read_records(
+    source: str, split: str = "train", revision: str | None = None, fmt: str = "auto"
+) -> list[dict[str, Any]]:
     if source.startswith(HUB_PREFIX):
-        records = _read_hub(source[len(HUB_PREFIX) :], split, revision)
+        rows = _read_hub(source[len(HUB_PREFIX) :], split, revision)
     else:
         path = Path(source)
         if not path.is_file():
             raise PipelineError(f"data.source '{source}': file not found (use 'hub:<id>' for a hub dataset)")
-        records = _read_file(path)
+        rows = _read_file(path)
+    records = check_records(rows, fmt)
     if not records:
         raise PipelineError(f"data.source '{source}': no records")
     log.info("read %d records from %s", len(records), source)

@@ -1,7 +1,8 @@
 """The tokenized data set on disk (data/tokenized/): how a record becomes a row, and rows become padded batches.
 
-Rows are stored unpadded ({input_ids, labels, prompt_len}); meta.json records the choices tokenize made (pad
-id, label padding, target length) so that finetune and the evaluations pad exactly as tokenize intended.
+Rows are stored unpadded ({input_ids, labels, answer_spans}: [start, end) of each answer's tokens); meta.json
+records the choices tokenize made (template, pad id, label padding, target length) so that finetune and the
+evaluations pad and prompt exactly as tokenize intended.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from stages.common.io import read_json, read_jsonl
 from stages.common.params import TokenizeParams
 from stages.common.paths import TOKENIZED_DIR
-from stages.common.prompt import format_prompt
+from stages.common.templates import EOS, pieces
 
 IGNORE_INDEX = -100
 
@@ -26,22 +27,41 @@ class TokenizedMeta:
     max_length: int
     loss_mask: str  # "full": labels are every token, padding included (the seed); "completion": response only
     padding: str  # "max_length" (the seed) or "longest" (pad each batch to its longest row)
+    template: str  # "alpaca" or "chat": tokenize.template as resolved for this tokenizer
 
     @property
     def label_pad(self) -> int:
         return self.pad_token_id if self.loss_mask == "full" else IGNORE_INDEX
 
 
-def tokenize_record(record: dict[str, str], tokenizer: Any, params: TokenizeParams) -> dict[str, Any]:
-    """One row: prompt ids then answer ids + eos, cut at max_length; labels follow `params.loss_mask`."""
-    prompt_ids = tokenizer(format_prompt(record["instruction"], record["input"]))["input_ids"]
-    answer_ids = tokenizer(record["output"].strip(), add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[: params.max_length]
-    prompt_len = min(len(prompt_ids), params.max_length)
+def tokenize_record(record: dict[str, Any], tokenizer: Any, params: TokenizeParams, template: str) -> dict[str, Any]:
+    """One row: the record's pieces tokenized one by one (so an answer's tokens never merge with the prompt's), cut at
+    max_length; labels are every token (`loss_mask: full`) or the answers' only (`completion`). Only the first piece
+    gets the tokenizer's own special tokens (a BOS), and only under `alpaca`: a chat template writes its own."""
+    input_ids: list[int] = []
+    answer_spans: list[list[int]] = []
+    for i, (text, trained) in enumerate(pieces(record, template, tokenizer)):
+        if text is EOS:
+            ids = [tokenizer.eos_token_id]
+        else:
+            ids = tokenizer(text, add_special_tokens=i == 0 and template == "alpaca")["input_ids"]
+        if trained:
+            answer_spans.append([len(input_ids), len(input_ids) + len(ids)])
+        input_ids += ids
+    input_ids = input_ids[: params.max_length]
+    spans = [[start, min(end, len(input_ids))] for start, end in answer_spans if start < len(input_ids)]
+    merged: list[list[int]] = []  # an answer and its eos are one span
+    for span in spans:
+        if merged and merged[-1][1] == span[0]:
+            merged[-1][1] = span[1]
+        else:
+            merged.append(span)
     labels = list(input_ids)
     if params.loss_mask == "completion":
-        labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
-    return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for start, end in merged:
+            labels[start:end] = input_ids[start:end]
+    return {"input_ids": input_ids, "labels": labels, "answer_spans": merged}
 
 
 def load_split(name: str, directory: Path = TOKENIZED_DIR) -> list[dict[str, Any]]:
