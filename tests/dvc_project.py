@@ -15,11 +15,12 @@ from stages.common.params import with_overrides
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-ALL_STAGES = {
+STAGE_ORDER = [  # dvc.yaml's stages in order (tests/test_dvc_yaml.py checks it)
     *("prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"),
     "merge",  # after the seven: base + adapter folded into plain weights
     "export_gguf",  # and that as GGUF for llama.cpp and Ollama
-}
+]
+ALL_STAGES = set(STAGE_ORDER)
 TINY = {
     "data.train_size": 24,
     "data.eval_size": 8,

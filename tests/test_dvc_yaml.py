@@ -6,20 +6,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, load_yaml
+from tests.dvc_project import STAGE_ORDER as STAGES
 
 DVC = load_yaml(REPO / "dvc.yaml")
 PARAMS = load_yaml(REPO / "params.yaml")
-STAGES = [
-    "prepare_subset",
-    "tokenize",
-    "finetune",
-    "evaluate_ppl",
-    "evaluate_cosine",
-    "plot",
-    "package_zip",
-    "merge",
-    "export_gguf",
-]
 
 
 def module_closure(module: str, seen: set[str]) -> set[str]:
@@ -32,7 +22,7 @@ def module_closure(module: str, seen: set[str]) -> set[str]:
     return seen
 
 
-def test_the_seven_stages_in_order():
+def test_the_stages_in_order():
     assert list(DVC["stages"]) == STAGES
 
 
