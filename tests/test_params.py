@@ -60,10 +60,10 @@ def test_seed_profiles_differ_only_in_how_they_run():
     assert changed == {
         "model.compute_dtype",
         "tokenize.loss_mask",
+        "tokenize.padding",
         "train.micro_batch_size",
         "train.precision",
         "train.gradient_checkpointing",
-        "train.compile",
         "train.cuda_graphs",
         "eval.ppl",  # batch size: how many rows one forward pass scores, not what is scored
     }
@@ -86,7 +86,8 @@ def test_default_keeps_seed_hyperparameters():
         ("train.learning_rate", 0, "train.learning_rate must be in (0, 1]"),
         ("model.quantization", "int3", "model.quantization must be one of 'none', 'nf4', 'fp4'"),
         ("train.micro_batch_size", 5, "train.effective_batch_size (16) must be a multiple of train.micro_batch_size x"),
-        ("train.cuda_graphs", True, "train.cuda_graphs needs train.compile: true"),
+        ("train.cuda_graphs", True, "train.cuda_graphs without train.compile needs one batch shape"),
+        ("tokenize.padding", "packed", "train.group_by_length must be false with tokenize.padding packed"),
         ("data.eval_size", KeyError, "data.eval_size is missing"),
         ("lora.dropout", 1.5, "lora.dropout must be in [0, 1)"),
         ("train.epochs", True, "train.epochs must be float"),
@@ -220,3 +221,11 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     path.write_text("data:\n  seed: [1\nmodel: 2\n")
     with pytest.raises(PipelineError, match=r"params.yaml:3:6: expected ',' or ']'"):
         load_params(path)
+
+
+def test_graphs_without_compile_stay_on_one_process():
+    seed = load_yaml(REPO / "profiles/seed.yaml")
+    parse_params(seed)  # the seed profile: graphed eager blocks, packed rows, one process
+    with pytest.raises(PipelineError, match="train.cuda_graphs without train.compile runs on one process"):
+        parse_params(with_overrides(seed, {"train.processes": 2}))
+    parse_params(with_overrides(seed, {"train.processes": 2, "train.compile": True}))

@@ -112,7 +112,7 @@ class TokenizeParams:
     max_length: int = field(metadata=between(8, 1_048_576))  # and at most the model's context (tokenize checks)
     template: Literal["auto", "alpaca", "chat"]  # stages/common/templates.py
     loss_mask: Literal["full", "completion"]
-    padding: Literal["max_length", "longest"]
+    padding: Literal["max_length", "longest", "packed"]
 
 
 @dataclass(frozen=True)
@@ -296,8 +296,18 @@ def _cross_field_problems(params: Params) -> list[str]:
             f"train.effective_batch_size ({train.effective_batch_size}) must be a multiple of train.micro_batch_size"
             f" x train.processes ({train.micro_batch_size} x {train.processes})"
         )
-    if train.cuda_graphs and not train.compile:
-        problems.append("train.cuda_graphs needs train.compile: true (the graphs replay the compiled blocks)")
+    padding = params.tokenize.padding
+    if train.cuda_graphs and not train.compile and padding == "longest":
+        problems.append(
+            "train.cuda_graphs without train.compile needs one batch shape: tokenize.padding max_length or packed"
+        )
+    if train.cuda_graphs and not train.compile and train.processes > 1:
+        problems.append(
+            "train.cuda_graphs without train.compile runs on one process (not yet measured under DDP): "
+            "set train.processes: 1 or train.compile: true"
+        )
+    if padding == "packed" and train.group_by_length:
+        problems.append("train.group_by_length must be false with tokenize.padding packed (packs are length-balanced)")
     if params.model.quantization != "none" and params.model.compute_dtype == "float32":
         problems.append("model.compute_dtype must be float16 or bfloat16 when model.quantization is nf4 or fp4")
     return problems

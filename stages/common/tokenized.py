@@ -26,7 +26,7 @@ class TokenizedMeta:
     pad_token_id: int
     max_length: int
     loss_mask: str  # "full": labels are every token, padding included (the seed); "completion": response only
-    padding: str  # "max_length" (the seed) or "longest" (pad each batch to its longest row)
+    padding: str  # "max_length" (the seed), "longest" (per batch) or "packed" (stages/finetuning/packing.py)
     template: str  # "alpaca" or "chat": tokenize.template as resolved for this tokenizer
 
     @property

@@ -4,13 +4,20 @@ That the effective batch divides evenly is a params rule (stages/common/params.p
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stages.common.models import autocast
+from stages.common.tokenized import Collator
+from stages.finetuning.packing import PackCollator, pack_rows
 from stages.finetuning.runtime import Runtime
+
+if TYPE_CHECKING:
+    from stages.finetuning.loop import TrainingData
 
 log = logging.getLogger("pipeline")
 
@@ -20,22 +27,57 @@ def accumulation_steps(effective: int, micro: int, processes: int) -> int:
     return effective // (micro * processes)
 
 
-def probe_step(model: Any, micro: int, max_length: int, precision: str) -> None:
-    """One forward+backward on a batch shaped like the Trainer's (micro rows padded to max_length, so with an
-    attention mask) under the autocast the Trainer uses: a compiled model compiles here the graph training runs."""
-    ids = torch.zeros((micro, max_length), dtype=torch.long, device=model.device)
-    mask = torch.ones_like(ids)
-    mask[:, -1] = 0  # a padded position, as in (nearly) every batch: the attention mask is a tensor, not None
-    model.train()  # the mode training runs in (dropout on)
+class BatchShapes:
+    """The batches a run trains on, by examples per forward pass (`micro`): rows padded as tokenize said, or, under
+    `tokenize.padding: packed`, the examples of each micro-batch packed into one row of a fixed width."""
+
+    def __init__(self, data: TrainingData, seed: int):
+        self.data, self.seed = data, seed
+        self.packed = data.meta.padding == "packed"
+
+    @functools.cache  # noqa: B019  one pack layout per micro-batch size, for the run's lifetime
+    def packs(self, micro: int) -> tuple[list[list[dict[str, Any]]], int]:
+        return pack_rows(self.data.train, micro, self.seed)
+
+    def width(self, micro: int) -> int | None:
+        """The packed row width (None when rows are not packed)."""
+        return self.packs(micro)[1] if self.packed else None
+
+    def training(self, micro: int, fill: bool) -> tuple[list[Any], Any]:
+        """(the Trainer's train dataset, its collator). `fill`: short batches get ignored filler rows (one shape)."""
+        if self.packed:
+            packs, width = self.packs(micro)
+            return packs, PackCollator(self.data.meta, width)
+        return self.data.train, Collator(self.data.meta, batch_rows=micro if fill else None)
+
+    def probe_batch(self, micro: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """A batch of the largest shape training meets at `micro`, as the Trainer collates it: the fullest packed
+        row, or `micro` rows padded to max_length with a padded position (so the attention mask is a tensor)."""
+        if self.packed:
+            packs, width = self.packs(micro)
+            fullest = max(packs, key=lambda pack: sum(len(row["input_ids"]) for row in pack))
+            batch = PackCollator(self.data.meta, width)([fullest])
+        else:
+            ids = torch.full((micro, self.data.meta.max_length), self.data.meta.pad_token_id, dtype=torch.long)
+            mask = torch.ones_like(ids)
+            mask[:, -1] = 0
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+        return {key: value.to(device) for key, value in batch.items()}
+
+
+def probe_step(model: Any, batch: dict[str, torch.Tensor], precision: str) -> None:
+    """One forward+backward on `batch` under the autocast the Trainer uses, in training mode (dropout on): a
+    compiled model compiles here the graph training runs."""
+    model.train()
     with autocast(precision, model.device.type):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss = model(**batch).loss
     loss.backward()
 
 
-def fits(model: Any, micro: int, max_length: int, precision: str) -> bool:
-    """`probe_step` at the longest shape; False when the GPU runs out of memory."""
+def fits(model: Any, batch: dict[str, torch.Tensor], precision: str) -> bool:
+    """`probe_step`; False when the GPU runs out of memory."""
     try:
-        probe_step(model, micro, max_length, precision)
+        probe_step(model, batch, precision)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -45,16 +87,22 @@ def fits(model: Any, micro: int, max_length: int, precision: str) -> bool:
 
 
 def pick_micro_batch(
-    model: Any, requested: int | str, effective: int, runtime: Runtime, max_length: int, precision: str
+    model: Any,
+    requested: int | str,
+    effective: int,
+    runtime: Runtime,
+    probe_batch: Callable[[int, torch.device], dict[str, torch.Tensor]],
+    precision: str,
 ) -> int:
-    """`auto`: the largest divisor of the per-process batch that fits the GPU (all of it on CPU)."""
+    """`auto`: the largest divisor of the per-process batch whose largest batch (`probe_batch`) fits the GPU (all of
+    it on CPU)."""
     if requested != "auto":
         return int(requested)
     per_process = max(effective // runtime.world_size, 1)
     if not runtime.cuda:
         return per_process
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
-        if fits(model, micro, max_length, precision):
+        if fits(model, probe_batch(micro, model.device), precision):
             log.info("micro_batch_size auto -> %d", micro)
             return micro
     raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")

@@ -19,9 +19,10 @@ from stages.common.fragile import limit_trainer_to_one_gpu
 from stages.common.params import Params
 from stages.common.paths import CHECKPOINT_DIR
 from stages.common.tokenized import Collator, TokenizedMeta, load_meta, load_split
-from stages.finetuning.batching import accumulation_steps, pick_micro_batch
+from stages.finetuning.batching import BatchShapes, accumulation_steps, pick_micro_batch
 from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
+from stages.finetuning.graphed import graph_blocks
 from stages.finetuning.guards import check_finite_weights, finite_loss_callback
 from stages.finetuning.runtime import Runtime
 from stages.finetuning.timing import StepClock, step_profiler
@@ -66,19 +67,27 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
         graphs = " and records the CUDA graphs in step 2" if train.cuda_graphs else ""
         log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
     probe_started = time.perf_counter()
+    shapes = BatchShapes(data, train.seed)
     micro = pick_micro_batch(
-        model, train.micro_batch_size, train.effective_batch_size, runtime, data.meta.max_length, train.precision
+        model, train.micro_batch_size, train.effective_batch_size, runtime, shapes.probe_batch, train.precision
     )
     probe_seconds = time.perf_counter() - probe_started
-    args = training_arguments(params, micro, runtime)
+    args = training_arguments(params, micro, runtime, rows_per_batch=1 if shapes.packed else micro)
+    graphs_seconds = 0.0
+    if train.cuda_graphs and not train.compile and runtime.cuda:  # recorded now, on the batch shape training runs
+        graphs_started = time.perf_counter()
+        model.train()
+        graph_blocks(model, shapes.probe_batch(micro, model.device), train.precision)
+        graphs_seconds = time.perf_counter() - graphs_started
     if train.cuda_graphs and args.gradient_accumulation_steps > 1:
         copy_graphed_gradients(model)
-    log_plan(len(data.train), micro, args.gradient_accumulation_steps, runtime, params)
+    log_plan(len(data.train), micro, args.gradient_accumulation_steps, runtime, params, shapes.width(micro))
     profiler = step_profiler(runtime)
-    # CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
-    steady_from = max(profiler.first + profiler.count if profiler else 1, 2 if train.cuda_graphs else 1)
+    # compiled CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
+    recorded_in_step_2 = train.cuda_graphs and train.compile
+    steady_from = max(profiler.first + profiler.count if profiler else 1, 2 if recorded_in_step_2 else 1)
     clock = StepClock(steady_from, runtime.cuda)
-    trainer = build_trainer(model, args, data, micro if train.compile else None, [clock.callback, profiler, live])
+    trainer = build_trainer(model, args, shapes, micro, train.compile, [clock.callback, profiler, live])
     if runtime.cuda:
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears stale checkpoints before others look
@@ -97,26 +106,32 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
         accumulation=args.gradient_accumulation_steps,
         resumed_from=int(resume.rpartition("-")[2]) if resume else 0,
         train_seconds=seconds,
-        timings=clock.summary() | {"probe_seconds": round(probe_seconds, 2)},  # the probe also pays compilation
+        # the probe also pays compilation; graphs_seconds: recording the eager blocks' CUDA graphs
+        timings=clock.summary()
+        | {"probe_seconds": round(probe_seconds, 2), "graphs_seconds": round(graphs_seconds, 2)},
     )
 
 
-def build_trainer(model: Any, args: Any, data: TrainingData, batch_rows: int | None, callbacks: list) -> Any:
-    """The Trainer with this pipeline's evaluation (token-weighted) and collation (padding as tokenize said; with
-    `batch_rows`, short batches filled up to one shape for the compiled blocks), failing on a non-finite loss."""
+def build_trainer(model: Any, args: Any, shapes: BatchShapes, micro: int, compiled: bool, callbacks: list) -> Any:
+    """The Trainer with this pipeline's evaluation (token-weighted) and collation (as tokenize said: packed rows, or
+    rows padded per batch or to max_length; compiled, a short last batch is filled up to the one shape the blocks were
+    compiled for), failing on a non-finite loss."""
     from stages.finetuning.trainer import TokenWeightedTrainer
 
-    return TokenWeightedTrainer(
+    train_rows, collator = shapes.training(micro, fill=compiled)
+    trainer = TokenWeightedTrainer(
         model=model,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=Collator(data.meta, batch_rows=batch_rows),
+        train_dataset=train_rows,
+        eval_dataset=shapes.data.eval,
+        data_collator=collator,
         callbacks=[finite_loss_callback(), *(c.callback if hasattr(c, "callback") else c for c in callbacks if c)],
     )
+    trainer.eval_collator = Collator(shapes.data.meta)
+    return trainer
 
 
-def log_plan(rows: int, micro: int, accumulation: int, runtime: Runtime, params: Params) -> None:
+def log_plan(rows: int, micro: int, accumulation: int, runtime: Runtime, params: Params, width: int | None) -> None:
     batches = math.ceil(rows / (micro * runtime.world_size))
     steps = math.ceil(batches / accumulation) * math.ceil(params.train.epochs)
     if runtime.world_size != params.train.processes:
@@ -126,23 +141,25 @@ def log_plan(rows: int, micro: int, accumulation: int, runtime: Runtime, params:
             runtime.world_size,
         )
     log.info(
-        "%d rows, micro-batch %d x accumulation %d x %d process(es) = %d rows per optimizer step, %d steps",
+        "%d rows, micro-batch %d x accumulation %d x %d process(es) = %d rows per optimizer step, %d steps%s",
         rows,
         micro,
         accumulation,
         runtime.world_size,
         params.train.effective_batch_size,
         steps,
+        f"; each micro-batch packed into one row of {width} tokens" if width else "",
     )
 
 
-def training_arguments(params: Params, micro: int, runtime: Runtime) -> Any:
+def training_arguments(params: Params, micro: int, runtime: Runtime, rows_per_batch: int) -> Any:
+    """`micro` examples per forward pass, in `rows_per_batch` rows (1 when they are packed into one)."""
     from transformers import TrainingArguments
 
     train = params.train
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
-        per_device_train_batch_size=micro,
+        per_device_train_batch_size=rows_per_batch,
         # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
         # fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
         per_device_eval_batch_size=4 * micro,

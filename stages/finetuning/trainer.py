@@ -20,7 +20,10 @@ class TokenWeightedTrainer(Trainer):
     The stock evaluation averages per-batch means, so its figure moves with the batch size; under DDP it also scales
     each rank's loss by the rank's share of tokens and then drops the last batch's padding rows, which skews the
     mean (the same adapter scored 10.85 on one process and 10.95 on two).
+    Evaluation collates with `eval_collator` when one is set (packed training rows: evaluation pads instead).
     """
+
+    eval_collator: Any = None
 
     def mean_over_processes(self, value: float) -> float:
         """`value` averaged over the processes (every process must call this). Each process's `training_loss` is its
@@ -36,6 +39,7 @@ class TokenWeightedTrainer(Trainer):
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
         shard = rows[self.args.process_index :: self.args.world_size]
         size, device = self.args.per_device_eval_batch_size, self.args.device
+        collate = self.eval_collator or self.data_collator
         totals = torch.zeros(2, device=device)
         was_training = self.model.training
         self.model.eval()
@@ -43,7 +47,7 @@ class TokenWeightedTrainer(Trainer):
         # Eager, even when the blocks are compiled: compiling the no-grad graph costs more than it saves on 500 rows.
         with torch.no_grad(), self.autocast_smart_context_manager(), torch.compiler.set_stance("force_eager"):
             for start in tqdm(range(0, len(shard), size), desc="eval loss", disable=not self.is_world_process_zero()):
-                batch = {k: v.to(device) for k, v in self.data_collator(shard[start : start + size]).items()}
+                batch = {k: v.to(device) for k, v in collate(shard[start : start + size]).items()}
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                 totals += torch.stack([next_token_losses(logits, batch["labels"]).sum(), labelled.float()])

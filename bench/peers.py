@@ -1,0 +1,119 @@
+"""The best peer, measured in the same run: TRL's SFTTrainer (QLoRA nf4 bf16, and bf16 with Liger kernels) on the
+very records the pipeline trains on, 16 examples per optimizer step, loss on the completion only.
+
+TRL, datasets and liger-kernel are bench-only extras (`pip install -e '.[bench]'`), never pipeline dependencies.
+Each row runs `steps` optimizer steps; its epoch is estimated as first step + steady step x (steps in an epoch - 1)
++ its per-epoch evaluation, each measured, as for the seed recipe (bench/finetune_speed.py).
+Choices that make the peer faster than its defaults, so the ratio is not flattered: one micro-batch of 16 (no
+accumulation), no activation checkpointing (TRL's default turns it on; memory is not short here).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.prompt import format_prompt
+from stages.finetuning.timing import StepClock
+
+ROWS_PER_STEP = 16
+# The seed recipe's optimisation and bookkeeping (TrainingArguments keywords), shared with its own rows
+SEED_OPTIMISATION = {
+    "learning_rate": 3e-4,
+    "weight_decay": 0.01,
+    "num_train_epochs": 1,
+    "logging_steps": 10,
+    "eval_strategy": "no",  # each row times one evaluation itself, after its steps
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def trl_baseline(
+    model_dir: Path,
+    train: list[dict[str, str]],
+    evaluation: list[dict[str, str]],
+    steps: int,
+    quantized: bool,
+    liger: bool,
+    smoke: bool,
+) -> dict[str, Any]:
+    """One TRL row; `train`/`evaluation` are the subset's records (instruction, input, output)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    as_dataset = lambda records: Dataset.from_list(  # noqa: E731
+        [{"prompt": format_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
+    )
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if smoke else torch.bfloat16}
+    if not smoke:
+        kwargs["device_map"] = {"": 0}
+    if quantized and not smoke:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    config = SFTConfig(
+        output_dir=str(model_dir.parent / "trl-out"),
+        per_device_train_batch_size=ROWS_PER_STEP,
+        gradient_accumulation_steps=1,
+        per_device_eval_batch_size=ROWS_PER_STEP * 4,
+        max_length=128,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        bf16=not smoke,
+        max_steps=steps,
+        use_liger_kernel=liger and not smoke,
+        use_cpu=smoke,
+        seed=42,
+        **SEED_OPTIMISATION,
+    )
+    clock = StepClock()
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=as_dataset(train),
+        eval_dataset=as_dataset(evaluation),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM"),
+        callbacks=[clock.callback],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    # Liger has kernels for some architectures only (none for Phi-2's `phi`): say whether any was applied
+    liger_layers = sum("Liger" in type(m).__name__ for m in trainer.model.modules())
+    started = time.perf_counter()
+    trainer.evaluate()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    eval_s = time.perf_counter() - started
+    timing = clock.summary()
+    first, steady = timing["first_step_seconds"], timing["step_seconds"]
+    epoch_s = first + steady * (math.ceil(len(train) / ROWS_PER_STEP) - 1) + eval_s
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {
+        "steps": steps,
+        "epoch_s": epoch_s,
+        "epoch_s_is_estimate": True,
+        "warm_up_s": first,
+        "s_per_step": steady,
+        "eval_s": eval_s,
+        "peak_gib": peak,
+        "setup": "nf4 double-quant, bf16" if quantized else "bf16, no quantization",
+        "liger_layers": liger_layers,
+    }

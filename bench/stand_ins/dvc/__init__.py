@@ -1,0 +1,1 @@
+"""Stand-in (bench/stand_ins/README.md): only what stages.common.fragile touches."""

@@ -1,0 +1,2 @@
+class NotDvcRepoError(Exception):
+    pass
