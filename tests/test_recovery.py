@@ -164,3 +164,35 @@ def test_two_processes_report_the_run_loss_of_one_when_no_step_logs(tmp_path_fac
         fresh_finetune(root, processes)
         losses[processes] = json.loads((root / "dvclive/metrics.json").read_text())["train"]["loss"]
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_two_machines_on_loopback_train_as_one(project, reference):
+    """configs/accelerate-two-machines.yaml as two "machines" on this one (README, Several GPUs): each its own
+    `accelerate launch --machine_rank`, one process each, gloo; machine 0 writes the outputs once, machine 1 nothing,
+    and the run's losses are those of one process."""
+    from stages.finetuning.launch import _free_port
+
+    clear_training_outputs(project)
+    set_params(project, {"train.processes": 2})
+    port = str(_free_port())
+    config = str(project / "configs/accelerate-two-machines.yaml")
+    machines = [
+        subprocess.Popen(
+            ["accelerate", "launch", "--config_file", config, "--machine_rank", str(rank)]
+            + ["--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "stages.finetune"],
+            cwd=project,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=900)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], logs
+    assert logs[0].count("wrote models/adapter") == 1 and "wrote " not in logs[1]
+    two, one = (json.loads((root / "dvclive/metrics.json").read_text()) for root in (project, reference))
+    assert json.loads((project / "reports/train_run.json").read_text())["processes"] == 2
+    assert two["step"] == one["step"]
+    assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
