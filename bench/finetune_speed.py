@@ -656,6 +656,8 @@ def wholerun(pipe: Pipeline, context: dict[str, Any]) -> None:
     execution choices, each a whole epoch on a cold compile cache. Writes bench/results/<name>.json after every row."""
     from peers import trl_baseline
 
+    if context["peers_site"]:  # the peer's packages for this process only: the stages import what a user's would
+        sys.path.insert(0, str(context["peers_site"]))
     report: dict[str, Any] = {"device": context["device"], "command": context["command"], "baselines": {}, "levers": []}
 
     def save() -> None:
@@ -758,6 +760,12 @@ def main() -> None:
     parser.add_argument("--lever-steps", type=int, default=16, help="optimizer steps of the short pipeline rows")
     parser.add_argument("--peer-steps", type=int, default=30, help="optimizer steps of each TRL row (wholerun)")
     parser.add_argument(
+        "--peers-site",
+        type=Path,
+        help="wholerun: a folder holding the bench extra installed apart (pip install --target); it goes on this "
+        "process's path only, so the stages' times do not include importing datasets (and what it imports)",
+    )
+    parser.add_argument(
         "--levers", default="", help=f"wholerun: execution choices to add, of {sorted(EXECUTIONS)} (@bf16: unquantized)"
     )
     parser.add_argument(
@@ -825,6 +833,7 @@ def main() -> None:
             "train_rows": train_rows,
             "eval_rows": eval_rows,
             "levers": [lever for lever in args.levers.split(",") if lever],
+            "peers_site": args.peers_site,
         }
         wholerun(pipe, context)
         return
