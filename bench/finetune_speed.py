@@ -184,7 +184,7 @@ def seed_recipe(
     """(a) The seed recipe verbatim through the Trainer, for `steps` optimizer steps. `kbit_prep`: with peft's
     prepare_model_for_kbit_training (activation checkpointing, fp32 copies of the non-4-bit weights), which the
     seed's text does not mention; without it is the literal reading."""
-    from peers import SEED_OPTIMISATION
+    from peers import SEED_OPTIMISATION, estimated_epoch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
@@ -229,15 +229,7 @@ def seed_recipe(
         torch.cuda.reset_peak_memory_stats()
     train_loss = trainer.train().training_loss  # mean over its steps, all tokens (the seed's labels): too few to log
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    sync()
-    started = time.perf_counter()
-    trainer.evaluate()  # the seed evaluated every epoch: part of its epoch time
-    sync()
-    eval_s = time.perf_counter() - started
-    timing = clock.summary()
-    first, steady = timing["first_step_seconds"], timing["step_seconds"]
-    steps_per_epoch = math.ceil(len(train_rows) / 16)
-    epoch_s = first + steady * (steps_per_epoch - 1) + eval_s
+    epoch = estimated_epoch(trainer, clock, len(train_rows))
     loss = response_eval_loss(model, eval_rows, pad, None if smoke else torch.float16)
     real_tokens = sum(len(r["input_ids"]) for r in train_rows)
     del trainer, model
@@ -246,13 +238,10 @@ def seed_recipe(
     return {
         "variant": f"(a) seed recipe verbatim (Trainer){'' if kbit_prep else ', no kbit preparation'}",
         "steps": steps,
-        "epoch_s": epoch_s,
+        **epoch,
         "epoch_s_is_estimate": True,
-        "first_step_s": first,
-        "s_per_step": steady,
-        "eval_s": eval_s,
         "load_s": load_s,
-        "tokens_per_s": real_tokens / epoch_s,
+        "tokens_per_s": real_tokens / epoch["epoch_s"],
         "peak_gib": peak,
         "train_loss": train_loss,
         "eval_loss": loss,
@@ -356,6 +345,16 @@ class Pipeline:
         self.keep_log(stage, seconds, output)
         return {"wall_s": seconds, "load_s": loading_seconds(output)}
 
+    def whole_pipeline(self, finetune_row: dict) -> dict[str, dict[str, float]]:
+        """Each stage's wall time and model-loading share: the data stages and finetune as they ran for
+        `finetune_row`, then the stages after it, run now on its outputs."""
+        later = ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")
+        return (
+            self.data_stages
+            | {"finetune": {"wall_s": finetune_row["stage_s"], "load_s": finetune_row["load_s"]}}
+            | {stage: self.stage_times(stage, {}) for stage in later}
+        )
+
     def keep_log(self, what: str, seconds: float, output: str) -> None:
         """Stage output (progress bars included, so it times each part) appended to the stage log, if any."""
         if self.stage_log:
@@ -453,11 +452,7 @@ def headline(pipe: Pipeline, add: Callable[[dict], None], seed_steps: int, lever
     on a fresh machine pays); the 16 GiB and quality rows reuse the 1-GPU row's cache (their steady steps compare)."""
     pipe.clear_compile_cache()
     full = pipe.finetune("(b) seed profile, 1 GPU", {})
-    full["pipeline_stages"] = (
-        pipe.data_stages
-        | {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}}
-        | {stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")}
-    )
+    full["pipeline_stages"] = pipe.whole_pipeline(full)
     add(full)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
     if gpus > 1:  # graphs without compile run on one process: DDP rows run the compiled blocks
@@ -686,11 +681,7 @@ def wholerun(pipe: Pipeline, context: dict[str, Any]) -> None:
             save()
     pipe.clear_compile_cache()
     full = pipe.finetune("pipeline 4-bit", {})
-    stages = (
-        pipe.data_stages
-        | {"finetune": {"wall_s": full["stage_s"], "load_s": full["load_s"]}}
-        | {stage: pipe.stage_times(stage, {}) for stage in ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")}
-    )
+    stages = pipe.whole_pipeline(full)
     report["pipeline_4bit"] = pipeline_figures(full)
     report["pipeline_without_loading_s"] = round(sum(t["wall_s"] - t["load_s"] for t in stages.values()), 1)
     report["pipeline_stages_s"] = {name: round(t["wall_s"], 1) for name, t in stages.items()}

@@ -34,6 +34,25 @@ SEED_OPTIMISATION = {
 }
 
 
+def estimated_epoch(trainer: Any, clock: StepClock, rows: int) -> dict[str, float]:
+    """Every baseline row's epoch: its one evaluation timed now, plus first step + steady step x (steps in an epoch of
+    `rows` examples - 1), each measured (`clock` timed the row's steps)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
+    started = time.perf_counter()
+    trainer.evaluate()  # the seed evaluated every epoch: part of its epoch time
+    sync()
+    eval_s = time.perf_counter() - started
+    timing = clock.summary()
+    first, steady = timing["first_step_seconds"], timing["step_seconds"]
+    return {
+        "epoch_s": first + steady * (math.ceil(rows / ROWS_PER_STEP) - 1) + eval_s,
+        "first_step_s": first,
+        "s_per_step": steady,
+        "eval_s": eval_s,
+    }
+
+
 def trl_baseline(
     model_dir: Path,
     train: list[dict[str, str]],
@@ -95,24 +114,17 @@ def trl_baseline(
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     # Liger has kernels for some architectures only (none for Phi-2's `phi`): say whether any was applied
     liger_layers = sum("Liger" in type(m).__name__ for m in trainer.model.modules())
-    started = time.perf_counter()
-    trainer.evaluate()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    eval_s = time.perf_counter() - started
-    timing = clock.summary()
-    first, steady = timing["first_step_seconds"], timing["step_seconds"]
-    epoch_s = first + steady * (math.ceil(len(train) / ROWS_PER_STEP) - 1) + eval_s
+    epoch = estimated_epoch(trainer, clock, len(train))
     del trainer, model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {
         "steps": steps,
-        "epoch_s": epoch_s,
+        "epoch_s": epoch["epoch_s"],
         "epoch_s_is_estimate": True,
-        "warm_up_s": first,
-        "s_per_step": steady,
-        "eval_s": eval_s,
+        "warm_up_s": epoch["first_step_s"],
+        "s_per_step": epoch["s_per_step"],
+        "eval_s": epoch["eval_s"],
         "peak_gib": peak,
         "setup": "nf4 double-quant, bf16" if quantized else "bf16, no quantization",
         "liger_layers": liger_layers,
