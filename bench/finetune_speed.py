@@ -585,6 +585,12 @@ EXECUTIONS = {
     "compiled_packed": {"train.compile": True, "train.cuda_graphs": True, "tokenize.padding": "packed"},
     "graphs_padded": {"train.compile": False, "train.cuda_graphs": True, "tokenize.padding": "max_length"},
     "graphs_packed": {"train.compile": False, "train.cuda_graphs": True, "tokenize.padding": "packed"},
+    "graphs_packed_whole_row": {  # the seed profile before packed_attention.py: SDPA over the row, masked
+        "train.compile": False,
+        "train.cuda_graphs": True,
+        "tokenize.padding": "packed",
+        "train.packed_attention": "whole_row",
+    },
     "eager_packed": {"train.compile": False, "train.cuda_graphs": False, "tokenize.padding": "packed"},
 }
 UNQUANTIZED = {"model.quantization": "none"}

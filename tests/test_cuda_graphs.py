@@ -1,5 +1,6 @@
 """`train.cuda_graphs`: the compiled blocks replayed as CUDA graphs must give the gradients eager blocks give,
-also accumulated over several micro-batches (a graph's next replay rewrites the memory its gradients live in).
+also accumulated over several micro-batches (a graph's next replay rewrites the memory its gradients live in); packed
+rows' attention per example must give the gradients of attention over the row with a block-diagonal mask.
 Needs a CUDA GPU: skipped elsewhere, run on the GPU machine (README, GPU speed)."""
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from stages.finetuning.compiled import compile_layers, copy_graphed_gradients
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
-def lora_model() -> torch.nn.Module:
+def lora_model(architecture: str = "llama") -> torch.nn.Module:
+    """A tiny LoRA model, dropout off so two copies compute the same numbers. "phi": Phi's block (parallel attention
+    and MLP, partial rotary, the layout the seed profile trains), LoRA where the seed puts it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4
-    )
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return get_peft_model(LlamaForCausalLM(config), lora).cuda()
+    sizes = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}
+    if architecture == "phi":
+        config = PhiConfig(**sizes, num_attention_heads=4, resid_pdrop=0.0, embd_pdrop=0.0, use_cache=False)
+        base, targets = PhiForCausalLM(config), ["q_proj", "v_proj", "fc1", "fc2"]
+    else:
+        base, targets = LlamaForCausalLM(LlamaConfig(**sizes, num_attention_heads=4)), ["q_proj", "v_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(base, lora).cuda()
 
 
 def accumulated_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,71 +56,73 @@ def test_graphed_blocks_give_the_gradients_eager_blocks_do(micro_batches):
             torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def phi_lora_model() -> torch.nn.Module:
-    """Phi's block (parallel attention and MLP, partial rotary, the layout the seed profile trains), LoRA as peft puts
-    it on Phi, dropout off so eager and graphed passes compute the same numbers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import PhiConfig, PhiForCausalLM
+def phi_batch(packed: bool, generator: torch.Generator) -> dict:
+    """Four examples of 4-11 tokens: packed into one row of 48 (with their bounds), or padded apart."""
+    from stages.common.tokenized import Collator, TokenizedMeta
+    from stages.finetuning.packing import PackCollator
 
-    torch.manual_seed(0)
-    config = PhiConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attention_dropout=0.0,
-        use_cache=False,
-    )
-    lora = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "fc1", "fc2"], init_lora_weights=False
-    )
-    return get_peft_model(PhiForCausalLM(config), lora).cuda()
+    rows = []
+    for _ in range(4):
+        length = int(torch.randint(4, 12, (1,), generator=generator))
+        ids = torch.randint(1, 128, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    meta = TokenizedMeta(0, 16, "completion", "packed" if packed else "max_length", "alpaca")
+    collated = PackCollator(meta, 48, 4)([rows]) if packed else Collator(meta)(rows)
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+
+
+def gradients(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize(("packed", "micro_batches"), [(True, 1), (True, 2), (False, 2)])
 def test_eager_blocks_replayed_as_cuda_graphs_give_eager_gradients(packed, micro_batches):
     """`train.cuda_graphs` without compile (stages/finetuning/graphed.py): same gradients as eager blocks, for packed
-    rows (positions restart per example, no attention mask) and padded ones, with and without accumulation; the
-    evaluation (eval mode, no grad) runs the blocks' own code."""
-    from stages.common.tokenized import Collator, TokenizedMeta
+    rows (positions restart per example; the graphed model computes attention per example, packed_attention.py, the
+    eager one over the row with transformers' block-diagonal mask) and padded ones, with and without accumulation;
+    the evaluation (eval mode, no grad) runs the blocks' own code."""
     from stages.finetuning.graphed import graph_blocks
-    from stages.finetuning.packing import PackCollator
+    from stages.finetuning.packed_attention import use_for_packed_rows
 
-    eager = phi_lora_model()
+    eager = lora_model("phi")
     graphed = copy.deepcopy(eager)
     generator = torch.Generator().manual_seed(1)
-
-    def batch() -> dict[str, torch.Tensor]:
-        rows = []
-        for _ in range(4):
-            length = int(torch.randint(4, 12, (1,), generator=generator))
-            ids = torch.randint(1, 128, (length,), generator=generator).tolist()
-            rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-        meta = TokenizedMeta(0, 16, "completion", "packed" if packed else "max_length", "alpaca")
-        collated = PackCollator(meta, 48)([rows]) if packed else Collator(meta)(rows)
-        return {k: v.cuda() for k, v in collated.items()}
-
     graphed.train()
     eager.train()
-    graph_blocks(graphed, batch(), "bf16")
+    if packed:
+        assert use_for_packed_rows(graphed)
+    graph_blocks(graphed, phi_batch(packed, generator), "bf16")
     if micro_batches > 1:
         copy_graphed_gradients(graphed)
     for _ in range(3):
-        batches = [batch() for _ in range(micro_batches)]
-        grads = []
-        for model in (eager, graphed):
-            model.zero_grad(set_to_none=True)
-            for b in batches:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(**b).loss
-                loss.backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        for name, grad in grads[0].items():
-            torch.testing.assert_close(grads[1][name], grad, rtol=2e-2, atol=1e-4, msg=name)
+        batches = [phi_batch(packed, generator) for _ in range(micro_batches)]
+        want, got = gradients(eager, batches), gradients(graphed, batches)
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=1e-4, msg=name)
     graphed.eval()
     with torch.no_grad():
-        b = batch()
+        b = phi_batch(packed, generator)
         torch.testing.assert_close(graphed(**b).logits, eager.eval()(**b).logits)
+
+
+def test_attention_per_packed_example_gives_the_row_masked_loss_and_gradients():
+    """packed_attention.py against SDPA over the whole row with the block-diagonal mask, eagerly: same loss, same
+    gradients, in bf16 as training runs; padded rows (evaluation's) still run SDPA with their mask."""
+    from stages.finetuning.packed_attention import NAME, use_for_packed_rows
+
+    row_masked = lora_model("phi")
+    per_example = copy.deepcopy(row_masked)
+    assert use_for_packed_rows(per_example) and per_example.config._attn_implementation == NAME
+    generator = torch.Generator().manual_seed(2)
+    batches = [phi_batch(True, generator) for _ in range(2)]
+    want, got = gradients(row_masked, batches), gradients(per_example, batches)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=1e-4, msg=name)
+    padded = phi_batch(False, generator)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(per_example(**padded).loss, row_masked(**padded).loss)

@@ -40,7 +40,7 @@ def test_every_example_lands_in_exactly_one_row_and_rows_are_balanced():
 def test_packed_rows_share_one_width_that_fits_the_fullest():
     rows = example_rows(50)
     packs, width = pack_rows(rows, 8, seed=0)
-    collate = PackCollator(META, width)
+    collate = PackCollator(META, width, 8)
     shapes = {collate([pack])["input_ids"].shape for pack in packs}
     assert shapes == {torch.Size([1, width])}
     assert width % 8 == 0 and width - 8 < max(sum(len(r["input_ids"]) for r in pack) for pack in packs)
@@ -48,12 +48,32 @@ def test_packed_rows_share_one_width_that_fits_the_fullest():
 
 def test_a_packed_row_restarts_positions_and_never_predicts_across_examples():
     rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
-    batch = PackCollator(META, 8)([rows])
+    batch = PackCollator(META, 8, 3)([rows])
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
     # the second example's first token is not a target of the first example's last one; padding is never a target
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3]
     assert "attention_mask" not in batch  # transformers then masks attention per example from the positions
+    # the examples' bounds for attention per example: the two examples, the padding, one empty slot of the 3 + 1
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 8] and batch["max_length_q"] == 8
+
+
+def test_example_bounds_match_the_positions_and_keep_one_length_for_every_row():
+    """The bounds attention reads (packed_attention.py) start a segment exactly where positions restart, in every
+    row, and have one length whatever a row holds (the short last row too), so one CUDA graph fits every batch."""
+    rows = example_rows(37, seed=5)
+    packs, width = pack_rows(rows, 8, seed=1)
+    collate = PackCollator(META, width, 8)
+    lengths = set()
+    for batch in [collate(packs[:2]), *(collate([pack]) for pack in packs)]:  # two rows: bounds run end to end
+        positions = batch["position_ids"].reshape(-1)
+        bounds = batch["cu_seq_lens_q"]
+        assert bounds[-1] == positions.numel() and bool((bounds.diff() >= 0).all())
+        starts = [b for b in torch.unique(bounds).tolist() if b < positions.numel()]
+        assert starts == torch.nonzero(positions == 0).reshape(-1).tolist()
+        lengths.add((len(bounds) - 1) // len(batch["input_ids"]))
+        assert batch["max_length_q"] == width
+    assert len(packs[-1]) < 8 and lengths == {8 + 1}  # slots per row: 8 examples and the padding
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -74,7 +94,7 @@ def test_packed_loss_and_gradients_equal_the_examples_padded_apart(tiny_model_di
 
     padded = Collator(TokenizedMeta(0, 32, "completion", "longest", "alpaca"))(rows)
     packs, width = pack_rows(rows, 6, seed=0)
-    packed = PackCollator(META, width)(packs)
+    packed = PackCollator(META, width, 6)(packs)
     loss_padded, grad_padded = loss_and_grad(padded)
     loss_packed, grad_packed = loss_and_grad(packed)
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5)

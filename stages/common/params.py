@@ -138,6 +138,7 @@ class TrainParams:
     group_by_length: bool
     compile: bool
     cuda_graphs: bool
+    packed_attention: Literal["per_example", "whole_row"]  # stages/finetuning/packed_attention.py
     processes: int = field(metadata=between(1, 1024))
     logging_steps: int = field(metadata=between(1, 1_000_000))
     seed: int = field(metadata=SEED)

@@ -47,7 +47,7 @@ class BatchShapes:
         """(the Trainer's train dataset, its collator). `fill`: short batches get ignored filler rows (one shape)."""
         if self.packed:
             packs, width = self.packs(micro)
-            return packs, PackCollator(self.data.meta, width)
+            return packs, PackCollator(self.data.meta, width, micro)
         return self.data.train, Collator(self.data.meta, batch_rows=micro if fill else None)
 
     def probe_batch(self, micro: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -56,13 +56,13 @@ class BatchShapes:
         if self.packed:
             packs, width = self.packs(micro)
             fullest = max(packs, key=lambda pack: sum(len(row["input_ids"]) for row in pack))
-            batch = PackCollator(self.data.meta, width)([fullest])
+            batch = PackCollator(self.data.meta, width, micro)([fullest])
         else:
             ids = torch.full((micro, self.data.meta.max_length), self.data.meta.pad_token_id, dtype=torch.long)
             mask = torch.ones_like(ids)
             mask[:, -1] = 0
             batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
-        return {key: value.to(device) for key, value in batch.items()}
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def probe_step(model: Any, batch: dict[str, torch.Tensor], precision: str) -> None:

@@ -22,11 +22,7 @@ def compile_layers(model: Any, cuda_graphs: bool = False) -> int:
     Pays with fixed shapes (`tokenize.padding: max_length`); rows padded per batch make it recompile for shapes.
     `cuda_graphs`: each block's forward and backward are replayed as CUDA graphs (torch.compile's reduce-overhead
     mode), one launch instead of ~60 kernels per block: the step stops waiting on the host (GPU only)."""
-    blocks = max(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
-        key=len,
-        default=[],
-    )
+    blocks = transformer_blocks(model)
     inlined = inline_4bit_layers(model)
     if inlined:
         log.info("%d 4-bit layers dequantised in torch operations, inside the compiled graphs", inlined)
@@ -36,6 +32,15 @@ def compile_layers(model: Any, cuda_graphs: bool = False) -> int:
     # two graphs. Marking the embeddings' output (when grad is on; evaluation stays one graph too) makes it one.
     model.get_input_embeddings().register_forward_hook(_require_grad_when_training)
     return len(blocks)
+
+
+def transformer_blocks(model: Any) -> list[torch.nn.Module]:
+    """The longest list of same-typed modules: the transformer blocks."""
+    return max(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(c) for c in m}) == 1),
+        key=len,
+        default=[],
+    )
 
 
 def copy_graphed_gradients(model: Any) -> None:

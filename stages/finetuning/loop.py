@@ -24,6 +24,7 @@ from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
 from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
 from stages.finetuning.timing import StepClock, step_profiler
 
@@ -68,6 +69,8 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
         log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
     probe_started = time.perf_counter()
     shapes = BatchShapes(data, train.seed)
+    if shapes.packed and train.packed_attention == "per_example":  # before the probe: it measures its memory
+        use_for_packed_rows(model)
     micro = pick_micro_batch(
         model, train.micro_batch_size, train.effective_batch_size, runtime, shapes.probe_batch, train.precision
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from stages.common.errors import PipelineError
 from stages.common.fragile import rename_base
-from stages.common.models import load_base_model, load_tokenizer
+from stages.common.models import AUTOCAST_DTYPES, load_base_model, load_tokenizer
 from stages.common.params import Params
 from stages.finetuning.compiled import compile_layers
 from stages.finetuning.runtime import Runtime
@@ -56,10 +56,24 @@ def attach_lora(model: Any, params: Params) -> Any:
         model = get_peft_model(model, config)
     except ValueError as err:
         raise PipelineError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    if params.train.precision in AUTOCAST_DTYPES:
+        keep_adapter_inputs_as_they_come(model)
     describe_base(model, params)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %.2fM trainable of %.1fM params (%.3f%%)", trainable / 1e6, total / 1e6, 100 * trainable / total)
     return model
+
+
+def keep_adapter_inputs_as_they_come(model: Any) -> None:
+    """Under autocast (bf16/fp16 training) peft's LoRA layers would cast each input to the float32 of the adapter
+    weights, only for autocast to cast it back to 16 bits for the matmul: two full copies of the activations per
+    adapted layer and pass (fc2's are 4x the hidden size). Switched off, the adapter computes the same products and
+    the weights stay float32 for the optimizer. 4-bit layers already skip the cast under autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def describe_base(model: Any, params: Params) -> None:

@@ -8,8 +8,9 @@ compiled blocks and the CUDA graphs see one shape. Each optimizer step still see
 examples; the Trainer shuffles the rows' order every epoch.
 
 Inside a row, positions restart at 0 for each example and no attention mask is passed: transformers then builds the
-block-diagonal causal mask from the positions (`masking_utils.find_packed_sequence_indices`). The first token of each
-example is never a target (it would be predicted from the previous example's last token).
+block-diagonal causal mask from the positions (`masking_utils.find_packed_sequence_indices`). The examples' bounds go
+along too, for attention that computes each example apart (stages/finetuning/packed_attention.py). The first token of
+each example is never a target (it would be predicted from the previous example's last token).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from stages.common.tokenized import IGNORE_INDEX, TokenizedMeta
+from stages.finetuning.packed_attention import BOUND_LENGTHS, BOUND_TENSORS, segment_bounds
 
 WIDTH_MULTIPLE = 8  # tensor-core friendly row widths
 
@@ -72,12 +74,24 @@ def packed_tensors(examples: list[dict[str, Any]], width: int, meta: TokenizedMe
     return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(positions)}
 
 
+def segment_lengths(examples: list[dict[str, Any]], width: int) -> list[int]:
+    """The lengths of a packed row's segments: its examples, then its padding (when there is any)."""
+    lengths = [len(example["input_ids"]) for example in examples]
+    fill = width - sum(lengths)
+    return [*lengths, fill] if fill else lengths
+
+
 class PackCollator:
-    """Trainer data collator for packed rows: the Trainer's batch is one packed row (a list of examples)."""
+    """Trainer data collator for packed rows: the Trainer's batch is one packed row (a list of up to `per_row`
+    examples). Besides the row it passes the segments' bounds, `per_row` + 1 slots per row (the padding's included),
+    and the row width as the longest a segment can be: every batch of a run has the same shapes and values."""
 
-    def __init__(self, meta: TokenizedMeta, width: int):
-        self.meta, self.width = meta, width
+    def __init__(self, meta: TokenizedMeta, width: int, per_row: int):
+        self.meta, self.width, self.per_row = meta, width, per_row
 
-    def __call__(self, batch: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[list[dict[str, Any]]]) -> dict[str, Any]:
         rows = [packed_tensors(examples, self.width, self.meta) for examples in batch]
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        collated: dict[str, Any] = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        bounds = segment_bounds([segment_lengths(examples, self.width) for examples in batch], self.per_row + 1)
+        collated |= dict.fromkeys(BOUND_TENSORS, bounds) | dict.fromkeys(BOUND_LENGTHS, self.width)
+        return collated
