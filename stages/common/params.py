@@ -298,11 +298,12 @@ def _cross_field_problems(params: Params) -> list[str]:
             f" x train.processes ({train.micro_batch_size} x {train.processes})"
         )
     padding = params.tokenize.padding
-    if train.cuda_graphs and not train.compile and padding == "longest":
+    eager_blocks_graphed = train.cuda_graphs and not train.compile  # stages/finetuning/graphed.py
+    if eager_blocks_graphed and padding == "longest":
         problems.append(
             "train.cuda_graphs without train.compile needs one batch shape: tokenize.padding max_length or packed"
         )
-    if train.cuda_graphs and not train.compile and train.processes > 1:
+    if eager_blocks_graphed and train.processes > 1:
         problems.append(
             "train.cuda_graphs without train.compile runs on one process (not yet measured under DDP): "
             "set train.processes: 1 or train.compile: true"
