@@ -32,11 +32,16 @@ def lora_model(architecture: str = "llama") -> torch.nn.Module:
     return get_peft_model(base, lora).cuda()
 
 
-def accumulated_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gradients after one backward per micro-batch, as the Trainer accumulates them between optimizer steps."""
+def accumulated_gradients(
+    model: torch.nn.Module, batches: list[dict], autocast: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Gradients after one backward per micro-batch (under `autocast` when given), as the Trainer accumulates them
+    between optimizer steps."""
     model.zero_grad(set_to_none=True)
-    for ids in batches:
-        model(input_ids=ids, labels=ids).loss.backward()
+    for batch in batches:
+        with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+            loss = model(**batch).loss
+        loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -50,7 +55,8 @@ def test_graphed_blocks_give_the_gradients_eager_blocks_do(micro_batches):
         copy_graphed_gradients(graphed)
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):  # optimizer steps: warm-up, recording, then replays
-        batches = [torch.randint(0, 128, (2, 16), generator=generator).cuda() for _ in range(micro_batches)]
+        ids = [torch.randint(0, 128, (2, 16), generator=generator).cuda() for _ in range(micro_batches)]
+        batches = [{"input_ids": batch, "labels": batch} for batch in ids]
         want, got = accumulated_gradients(eager, batches), accumulated_gradients(graphed, batches)
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-5, msg=name)
@@ -69,15 +75,6 @@ def phi_batch(packed: bool, generator: torch.Generator) -> dict:
     meta = TokenizedMeta(0, 16, "completion", "packed" if packed else "max_length", "alpaca")
     collated = PackCollator(meta, 48, 4)([rows]) if packed else Collator(meta)(rows)
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
-
-
-def gradients(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    for batch in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize(("packed", "micro_batches"), [(True, 1), (True, 2), (False, 2)])
@@ -101,7 +98,7 @@ def test_eager_blocks_replayed_as_cuda_graphs_give_eager_gradients(packed, micro
         copy_graphed_gradients(graphed)
     for _ in range(3):
         batches = [phi_batch(packed, generator) for _ in range(micro_batches)]
-        want, got = gradients(eager, batches), gradients(graphed, batches)
+        want, got = (accumulated_gradients(m, batches, torch.bfloat16) for m in (eager, graphed))
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=1e-4, msg=name)
     graphed.eval()
@@ -120,7 +117,7 @@ def test_attention_per_packed_example_gives_the_row_masked_loss_and_gradients():
     assert use_for_packed_rows(per_example) and per_example.config._attn_implementation == NAME
     generator = torch.Generator().manual_seed(2)
     batches = [phi_batch(True, generator) for _ in range(2)]
-    want, got = gradients(row_masked, batches), gradients(per_example, batches)
+    want, got = (accumulated_gradients(m, batches, torch.bfloat16) for m in (row_masked, per_example))
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=1e-4, msg=name)
     padded = phi_batch(False, generator)

@@ -84,7 +84,7 @@ def segment_lengths(examples: list[dict[str, Any]], width: int) -> list[int]:
 class PackCollator:
     """Trainer data collator for packed rows: the Trainer's batch is one packed row (a list of up to `per_row`
     examples). Besides the row it passes the segments' bounds, `per_row` + 1 slots per row (the padding's included),
-    and the row width as the longest a segment can be: every batch of a run has the same shapes and values."""
+    and the row width as the longest a segment can be: every batch of a run has the same shapes and that one length."""
 
     def __init__(self, meta: TokenizedMeta, width: int, per_row: int):
         self.meta, self.width, self.per_row = meta, width, per_row
