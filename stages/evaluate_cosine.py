@@ -13,6 +13,7 @@ paragraph or phrase).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import statistics
@@ -24,6 +25,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from stages.common import decode
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_jsonl, write_json
 from stages.common.models import check_token_budget, load_finetuned, load_tokenizer, resolve_model
@@ -103,37 +105,54 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def replayed_answers(model: Any, batch: Any, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+    """The fine-tuned model's answers, then the base model's (adapter off), each decoded on its own graph."""
+    answers = []
+    for adapter_off in (False, True):
+        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            tokens = decode.greedy(
+                model, batch["input_ids"], batch["attention_mask"], max_new_tokens, eos_token_id, replay=True
+            )
+        answers += tokens.tolist()
+    return answers
+
+
 @torch.no_grad()
 def generate_both(
     model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, batch_size: int, template: str
 ) -> tuple[list[Generation], list[Generation]]:
     """Greedy, left-padded, KV-cached generations of the fine-tuned and the base model: (fine-tuned, base).
 
-    Each batch holds `batch_size` prompts twice, once with the adapter and once without (peft's mixed-adapter
-    batches), so both models decode in the same loop: decoding a few rows is bound by launching kernels, and one
-    loop of 2n rows costs about what one loop of n does."""
+    On a GPU each model decodes its batch over a static cache with every token replayed from one CUDA graph
+    (`stages.common.decode`). Elsewhere `generate` runs each batch's prompts twice, once with the adapter and once
+    without (peft's mixed-adapter batches), so both models decode in one loop of 2n rows for about the cost of n."""
     tokenizer.padding_side = "left"
     add_special_tokens = template == "alpaca"  # a chat template writes its own
     markers = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    replay = decode.can_replay(model)
     tuned, base = [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate fine-tuned + base"):
         chunk = [p.model_input for p in prompts[start : start + batch_size]]
-        batch = tokenizer(chunk + chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
+        rows = chunk if replay else chunk + chunk
+        batch = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
             model.device
         )
         with sdpa_kernel(DECODE_ATTENTION):
-            generated = model.generate(
-                **batch,
-                adapter_names=["default"] * len(chunk) + [BASE] * len(chunk),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            if replay:
+                answers = replayed_answers(model, batch, max_new_tokens, tokenizer.eos_token_id)
+            else:
+                answers = model.generate(
+                    **batch,
+                    adapter_names=["default"] * len(chunk) + [BASE] * len(chunk),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )[:, batch["input_ids"].shape[1] :].tolist()
         outputs = []
-        for ids in generated[:, batch["input_ids"].shape[1] :].tolist():
+        for ids in answers:
             ended = tokenizer.eos_token_id in ids
             answer = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
             text = tokenizer.decode(answer, skip_special_tokens=True).strip()
@@ -141,7 +160,8 @@ def generate_both(
         tuned += outputs[: len(chunk)]
         base += outputs[len(chunk) :]
     tokenizer.padding_side = "right"
-    log.info("generated %d answers per model in %.1f s", len(prompts), time.perf_counter() - started)
+    how = "each token replayed from a CUDA graph" if replay else "generate, both models in one batch"
+    log.info("generated %d answers per model in %.1f s (%s)", len(prompts), time.perf_counter() - started, how)
     return tuned, base
 
 
