@@ -25,7 +25,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from stages.common import decode
+from stages.common.decode import can_replay, greedy
 from stages.common.errors import PipelineError, run_stage
 from stages.common.io import atomic_path, read_jsonl, write_json
 from stages.common.models import check_token_budget, load_finetuned, load_tokenizer, resolve_model
@@ -110,7 +110,7 @@ def replayed_answers(model: Any, batch: Any, max_new_tokens: int, eos_token_id: 
     answers = []
     for adapter_off in (False, True):
         with model.disable_adapter() if adapter_off else contextlib.nullcontext():
-            tokens = decode.greedy(
+            tokens = greedy(
                 model, batch["input_ids"], batch["attention_mask"], max_new_tokens, eos_token_id, replay=True
             )
         answers += tokens.tolist()
@@ -129,7 +129,7 @@ def generate_both(
     tokenizer.padding_side = "left"
     add_special_tokens = template == "alpaca"  # a chat template writes its own
     markers = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    replay = decode.can_replay(model)
+    replay = can_replay(model)
     tuned, base = [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate fine-tuned + base"):

@@ -21,7 +21,7 @@ ADAPTER = "models/adapter/adapter_model.safetensors"
 LONGER = {
     "data.train_size": 160,
     "tokenize.max_length": 128,
-    "train.epochs": 3,
+    "train.epochs": 2,
     "train.logging_steps": 5,
     "train.group_by_length": False,
 }
