@@ -49,7 +49,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """A project on the tiny model whose whole pipeline ran once through `dvc repro` and was committed, and that run's
-    output. Modules that need a trained project work on their own copy (`copy_project`): one run serves them all."""
+    output. Modules that need a trained project work on their own copy (`copy_project`): one run serves every module
+    of a test worker."""
     from tests.dvc_project import commit, make_project, run
 
     root = make_project(tmp_path_factory.mktemp("trained") / "project", tiny_model_dir)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger("pipeline")
 
@@ -39,13 +41,12 @@ def segment_bounds(rows: list[list[int]], slots: int) -> torch.Tensor:
 
 
 @functools.cache
-def _causal_keyword() -> dict[str, Any]:
-    """torch 2.10 and later say causal with a window (-1, 0), torch 2.9 with is_causal."""
+def _kernel() -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+    """The variable-length kernel and how this torch says causal: a window (-1, 0) from torch 2.10, is_causal in 2.9."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return (
-        {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
-    )
+    causal = "window_size" in inspect.signature(varlen_attn).parameters
+    return varlen_attn, {"window_size": (-1, 0)} if causal else {"is_causal": True}
 
 
 def attention(
@@ -60,9 +61,6 @@ def attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query/key/value (rows, heads, width, head_dim) in, (rows, width, heads,
     head_dim) out."""
-    from torch.nn.attention.varlen import varlen_attn
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     bounds = kwargs.get(BOUND_TENSORS[0])
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     kernel_fits = query.is_cuda and dtype in (torch.float16, torch.bfloat16) and key.shape[1] == query.shape[1]
@@ -74,9 +72,8 @@ def attention(
         return states.transpose(1, 2).reshape(rows * width, heads, head_dim).to(dtype)
 
     longest = kwargs[BOUND_LENGTHS[0]]
-    out = varlen_attn(
-        flat(query), flat(key), flat(value), bounds, bounds, longest, longest, scale=scaling, **_causal_keyword()
-    )
+    varlen_attn, causal = _kernel()
+    out = varlen_attn(flat(query), flat(key), flat(value), bounds, bounds, longest, longest, scale=scaling, **causal)
     return out.view(rows, width, heads, head_dim), None
 
 

@@ -58,18 +58,12 @@ def pack_rows(rows: list[dict[str, Any]], per_row: int, seed: int) -> tuple[list
 def packed_tensors(examples: list[dict[str, Any]], width: int, meta: TokenizedMeta) -> dict[str, torch.Tensor]:
     """One row of `width` tokens: the examples end to end, then padding as one more segment of its own (so every
     query attends to something); labels ignore padding and each example's first token."""
-    input_ids, labels, positions = [], [], []
-    for example in examples:
-        ids = example["input_ids"]
-        input_ids += ids
-        labels += [IGNORE_INDEX, *example["labels"][1:]]
-        positions += range(len(ids))
-    fill = width - len(input_ids)
-    if fill < 0:
-        raise ValueError(f"{len(input_ids)} tokens do not fit a packed row of {width}")
-    input_ids += [meta.pad_token_id] * fill
+    lengths = segment_lengths(examples, width)
+    fill = lengths[-1] if len(lengths) > len(examples) else 0
+    input_ids = [token for example in examples for token in example["input_ids"]] + [meta.pad_token_id] * fill
+    labels = [label for example in examples for label in [IGNORE_INDEX, *example["labels"][1:]]]
     labels += [IGNORE_INDEX] * fill
-    positions += range(fill)
+    positions = [position for length in lengths for position in range(length)]
     as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
     return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(positions)}
 
@@ -78,6 +72,8 @@ def segment_lengths(examples: list[dict[str, Any]], width: int) -> list[int]:
     """The lengths of a packed row's segments: its examples, then its padding (when there is any)."""
     lengths = [len(example["input_ids"]) for example in examples]
     fill = width - sum(lengths)
+    if fill < 0:
+        raise ValueError(f"{sum(lengths)} tokens do not fit a packed row of {width}")
     return [*lengths, fill] if fill else lengths
 
 
