@@ -774,7 +774,9 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="build the random model and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     parser.add_argument(
-        "--skip", default="", help="rows to leave out: 16gib,none,quality (headline); epochs,steps (scaling)"
+        "--skip",
+        default="",
+        help="rows to leave out: 16gib,none,quality (headline); epochs,steps (scaling); baselines by name (wholerun)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile steps of each pipeline row (tables under OUT/profiles/)"
