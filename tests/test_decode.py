@@ -57,9 +57,9 @@ def test_left_padding_changes_nothing_and_the_loop_stops_once_every_row_has_ende
     prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
 
     def padded(pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt], 1), (torch.arange(pad + 5) >= pad)[
-            None
-        ].long()
+        """The prompt after `pad` padding tokens, and its attention mask."""
+        mask = (torch.arange(pad + 5) >= pad).long()[None]
+        return torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt], 1), mask
 
     answers = [greedy(model, *padded(pad), NEW, -1, replay=False)[0].tolist() for pad in (0, 2, 4)]
     assert answers[0] == answers[1] == answers[2]
