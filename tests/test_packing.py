@@ -101,9 +101,38 @@ def test_packed_loss_and_gradients_equal_the_examples_padded_apart(tiny_model_di
     torch.testing.assert_close(grad_packed, grad_padded, rtol=1e-4, atol=1e-6)
 
 
+def test_evaluation_packs_as_training_does_and_scores_the_padded_splits_loss(tiny_model_dir, tmp_path):
+    """The finetune stage's eval loss over packed rows (its positions and bounds passed to the model) is the
+    token-weighted loss of the same examples padded apart."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from stages.finetuning.batching import BatchShapes
+    from stages.finetuning.loop import TrainingData
+    from stages.finetuning.trainer import TokenWeightedTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # peaky predictions: attending across examples would move the loss
+        model.lm_head.weight.mul_(40)
+    rows = example_rows(21, seed=5)
+    padded_meta = TokenizedMeta(0, 32, "completion", "longest", "alpaca")
+    with torch.no_grad():
+        whole = model(**Collator(padded_meta)(rows)).loss.item()
+
+    packs, collator = BatchShapes(TrainingData(META, rows, rows), seed=1).evaluation(micro=4)
+    assert isinstance(collator, PackCollator) and sorted(len(pack) for pack in packs) == [1, 4, 4, 4, 4, 4]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True)
+    trainer = TokenWeightedTrainer(model=model, args=args, eval_dataset=packs)
+    trainer.eval_collator = collator
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(whole, rel=1e-5)
+
+    unpacked, padding = BatchShapes(TrainingData(padded_meta, rows, rows), seed=1).evaluation(micro=4)
+    assert unpacked == rows and isinstance(padding, Collator)
+
+
 @pytest.mark.slow
 def test_finetune_trains_on_packed_rows_under_dvc_repro(tmp_path, tiny_model_dir):
-    """The stage end to end with `tokenize.padding: packed`: rows packed at one width, evaluation padded apart."""
+    """The stage end to end with `tokenize.padding: packed`: rows packed at one width, evaluation packed too."""
     import json
     import math
 

@@ -58,3 +58,18 @@ def test_response_perplexity_ignores_what_padding_holds(tiny_model_dir, tokenize
     assert math.isclose(first["perplexity"]["response"], other["perplexity"]["response"], rel_tol=1e-5)
     assert first["perplexity"]["seed"] != other["perplexity"]["seed"]
     assert first["tokens"]["response"] == sum(len(r["input_ids"]) - r["answer_spans"][0][0] for r in rows)
+
+
+def test_token_losses_over_a_large_vocabulary_match_float64():
+    """Perplexity is exp of a mean over thousands of tokens, so a per-token bias adds up: over SmolLM2's 49,152
+    classes, CPU's log-softmax across a middle dimension was off by ~5e-5 per token; with the classes last, ~4e-6."""
+    from stages.common.loss import next_token_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 65, 49152) * 5
+    targets = torch.randint(0, 49152, (2, 65))
+    exact = torch.nn.functional.cross_entropy(
+        logits[:, :-1].double().flatten(0, 1), targets[:, 1:].flatten(), reduction="none"
+    ).view(2, -1)
+    error = next_token_losses(logits, targets).double() - exact
+    assert error.abs().max() < 2e-5 and abs(error.mean()) < 5e-6

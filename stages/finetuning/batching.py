@@ -50,6 +50,14 @@ class BatchShapes:
             return packs, PackCollator(self.data.meta, width, micro)
         return self.data.train, Collator(self.data.meta, batch_rows=micro if fill else None)
 
+    def evaluation(self, micro: int) -> tuple[list[Any], Any]:
+        """(the eval dataset, its collator): packed as training packs, `micro` examples to a row (no padding to
+        compute; the eval loss is the same token-weighted figure), else rows padded per batch."""
+        if self.packed:
+            packs, width = pack_rows(self.data.eval, micro, self.seed)
+            return packs, PackCollator(self.data.meta, width, micro)
+        return self.data.eval, Collator(self.data.meta)
+
     def probe_batch(self, micro: int, device: torch.device) -> dict[str, torch.Tensor]:
         """A batch of the largest shape training meets at `micro`, as the Trainer collates it: the fullest packed
         row, or `micro` rows padded to max_length with a padded position (so the attention mask is a tensor)."""

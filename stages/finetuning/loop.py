@@ -18,7 +18,7 @@ import torch
 from stages.common.fragile import limit_trainer_to_one_gpu
 from stages.common.params import Params
 from stages.common.paths import CHECKPOINT_DIR
-from stages.common.tokenized import Collator, TokenizedMeta, load_meta, load_split
+from stages.common.tokenized import TokenizedMeta, load_meta, load_split
 from stages.finetuning.batching import BatchShapes, accumulation_steps, pick_micro_batch
 from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
@@ -116,21 +116,22 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
 
 
 def build_trainer(model: Any, args: Any, shapes: BatchShapes, micro: int, compiled: bool, callbacks: list) -> Any:
-    """The Trainer with this pipeline's evaluation (token-weighted) and collation (as tokenize said: packed rows, or
-    rows padded per batch or to max_length; compiled, a short last batch is filled up to the one shape the blocks were
-    compiled for), failing on a non-finite loss."""
+    """The Trainer with this pipeline's evaluation (token-weighted, in packed rows when training packs) and collation
+    (as tokenize said: packed rows, or rows padded per batch or to max_length; compiled, a short last batch is filled
+    up to the one shape the blocks were compiled for), failing on a non-finite loss."""
     from stages.finetuning.trainer import TokenWeightedTrainer
 
     train_rows, collator = shapes.training(micro, fill=compiled)
+    eval_rows, eval_collator = shapes.evaluation(micro)
     trainer = TokenWeightedTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
-        eval_dataset=shapes.data.eval,
+        eval_dataset=eval_rows,
         data_collator=collator,
         callbacks=[finite_loss_callback(), *(c.callback if hasattr(c, "callback") else c for c in callbacks if c)],
     )
-    trainer.eval_collator = Collator(shapes.data.meta)
+    trainer.eval_collator = eval_collator
     return trainer
 
 
@@ -165,7 +166,7 @@ def training_arguments(params: Params, micro: int, runtime: Runtime, rows_per_ba
         per_device_train_batch_size=rows_per_batch,
         # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
         # fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
-        per_device_eval_batch_size=4 * micro,
+        per_device_eval_batch_size=4 * rows_per_batch,
         gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, runtime.world_size),
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,

@@ -20,7 +20,7 @@ class TokenWeightedTrainer(Trainer):
     The stock evaluation averages per-batch means, so its figure moves with the batch size; under DDP it also scales
     each rank's loss by the rank's share of tokens and then drops the last batch's padding rows, which skews the
     mean (the same adapter scored 10.85 on one process and 10.95 on two).
-    Evaluation collates with `eval_collator` when one is set (packed training rows: evaluation pads instead).
+    Evaluation collates with `eval_collator` when one is set (packed rows pass their positions and example bounds).
     """
 
     eval_collator: Any = None
@@ -47,10 +47,12 @@ class TokenWeightedTrainer(Trainer):
         # Eager, even when the blocks are compiled: compiling the no-grad graph costs more than it saves on 500 rows.
         with torch.no_grad(), self.autocast_smart_context_manager(), torch.compiler.set_stance("force_eager"):
             for start in tqdm(range(0, len(shard), size), desc="eval loss", disable=not self.is_world_process_zero()):
-                batch = {k: v.to(device) for k, v in collate(shard[start : start + size]).items()}
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                totals += torch.stack([next_token_losses(logits, batch["labels"]).sum(), labelled.float()])
+                batch = collate(shard[start : start + size])
+                labels = batch.pop("labels").to(device)
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                logits = self.model(**inputs).logits
+                labelled = (labels[:, 1:] != IGNORE_INDEX).sum()
+                totals += torch.stack([next_token_losses(logits, labels).sum(), labelled.float()])
         self.model.train(was_training)
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
