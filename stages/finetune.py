@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from stages.common.errors import run_stage
+import torch
+
+from stages.common.errors import PipelineError, run_stage
 from stages.common.params import load_params
 from stages.finetuning.launch import inside_launched_job, run_processes
 from stages.finetuning.live import live_metrics
@@ -30,12 +32,25 @@ def main() -> None:
         sys.exit(run_processes(params.train.processes, "stages.finetune"))
     runtime = Runtime.detect()
     runtime.use_cpu_cores()
+    runtime.cap_gpu_memory(params.train.gpu_memory_gib)
     data = TrainingData.load()
-    model, tokenizer = build_model(params, runtime)
-    live = live_metrics() if runtime.is_main else None
-    result = fit(model, data, params, runtime, live)
+    try:
+        model, tokenizer = build_model(params, runtime)
+        live = live_metrics() if runtime.is_main else None
+        result = fit(model, data, params, runtime, live)
+    except torch.OutOfMemoryError:
+        raise PipelineError(out_of_memory(params.train.gpu_memory_gib)) from None
     if live:
         save_outputs(model, tokenizer, params, result, data, runtime, live)
+
+
+def out_of_memory(budget_gib: float | None) -> str:
+    within = f"the train.gpu_memory_gib budget of {budget_gib:g} GiB" if budget_gib else "the GPU's memory"
+    return (
+        f"training ran out of {within}; no adapter was saved (lower train.micro_batch_size, set "
+        "train.gradient_checkpointing true, load the base in 4-bit with model.quantization nf4, or shard it over "
+        "several GPUs with train.parallelism fsdp)"
+    )
 
 
 if __name__ == "__main__":

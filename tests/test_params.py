@@ -229,3 +229,25 @@ def test_graphs_without_compile_stay_on_one_process():
     with pytest.raises(PipelineError, match="train.cuda_graphs without train.compile runs on one process"):
         parse_params(with_overrides(seed, {"train.processes": 2}))
     parse_params(with_overrides(seed, {"train.processes": 2, "train.compile": True}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train.processes": 1}, "set train.processes to 2 or more"),
+        ({"model.quantization": "nf4", "model.compute_dtype": "bfloat16"}, "needs model.quantization none"),
+        ({"train.compile": True, "train.cuda_graphs": True}, "runs the blocks eagerly"),
+        ({"train.micro_batch_size": "auto"}, "needs a numeric train.micro_batch_size"),
+    ],
+)
+def test_sharding_the_base_names_what_it_cannot_run_with(changes, message):
+    sharded = with_overrides(load_yaml(REPO / "params.yaml"), {"train.processes": 2, "train.parallelism": "fsdp"})
+    assert parse_params(sharded).train.parallelism == "fsdp"
+    with pytest.raises(PipelineError, match=f"train.parallelism fsdp .*{message}"):
+        parse_params(with_overrides(sharded, changes))
+
+
+def test_gpu_memory_budget_is_a_positive_number_or_null():
+    assert parse_params(with_change("train.gpu_memory_gib", 16)).train.gpu_memory_gib == 16
+    with pytest.raises(PipelineError, match=r"train.gpu_memory_gib must be in \(0, 1000000\], got 0"):
+        parse_params(with_change("train.gpu_memory_gib", 0))

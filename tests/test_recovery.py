@@ -1,5 +1,5 @@
 """finetune: same inputs give the same adapter bytes; a killed run resumes from its last checkpoint; two processes
-(DDP over gloo on CPU) write the outputs once and agree with one process."""
+(DDP over gloo on CPU, or the base sharded over them with FSDP) write the outputs once and agree with one process."""
 
 from __future__ import annotations
 
@@ -148,6 +148,29 @@ def test_two_processes_write_once_and_agree_with_one(project, reference):
     assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
     # The weights are not compared value by value: each process draws its own LoRA dropout masks, which moves the
     # updates by ~10% (the losses above agree to 1e-4); the adapter has the same tensors.
+    expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
+    assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
+
+
+def test_a_base_sharded_over_two_processes_trains_as_one(project, reference):
+    """train.parallelism fsdp: transformers loads each process's share of the base and shards it with FSDP2 (gloo on
+    CPU), the Trainer wraps nothing in DDP, and the run's losses are those of one process."""
+    import re
+
+    clear_training_outputs(project)
+    set_params(project, {"train.processes": 2, "train.parallelism": "fsdp"})
+    try:
+        result = run(project, "python", "-m", "stages.finetune")
+    finally:
+        set_params(project, {"train.parallelism": "ddp"})
+    output = result.stdout + result.stderr
+    held = re.search(r"sharded over 2 processes; this one holds ([0-9.]+)M of ([0-9.]+)M params", output)
+    assert held and float(held[1]) < 0.6 * float(held[2]), output[-3000:]
+    assert output.count("wrote models/adapter") == 1
+    two, one = (json.loads((root / "dvclive/metrics.json").read_text()) for root in (project, reference))
+    assert two["step"] == one["step"]
+    assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
     expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
     assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
 

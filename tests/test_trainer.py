@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
-from stages.finetuning.trainer import TokenWeightedTrainer
+from stages.finetuning.trainer import TokenWeightedTrainer, eval_passes
 
 # (length, prompt length): answers of very different lengths, so a mean of per-batch means is off
 SHAPES = ((40, 2), (6, 3), (30, 25), (12, 1), (9, 4))
@@ -68,3 +68,9 @@ def test_evaluation_runs_eagerly_even_on_a_compiled_model(evaluation, monkeypatc
     trainer = TokenWeightedTrainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta))
     assert trainer.evaluate()["eval_loss"] == pytest.approx(whole, rel=1e-5)
     assert counter.frame_count == 0  # compiling a no-grad graph for one evaluation costs more than it saves
+
+
+@pytest.mark.parametrize(("rows", "processes", "batch"), [(9, 2, 4), (22, 2, 32), (17, 4, 2), (3, 4, 8), (64, 1, 8)])
+def test_every_process_runs_as_many_eval_passes_as_the_fullest_share(rows, processes, batch):
+    shares = [len(range(rows)[rank::processes]) for rank in range(processes)]
+    assert eval_passes(rows, processes, batch) == max(-(-share // batch) for share in shares)

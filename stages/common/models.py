@@ -154,15 +154,21 @@ def fuse_activations(model: Any) -> int:
     return swapped
 
 
-def load_base_model(params: ModelParams) -> Any:
-    """The frozen base model on the GPU when there is one, 4-bit when `model.quantization` says so."""
+def load_base_model(params: ModelParams, shard_over: int = 1) -> Any:
+    """The frozen base model on the GPU when there is one, 4-bit when `model.quantization` says so. `shard_over` > 1
+    (a process of that many): transformers loads each process's share of the weights only and shards them with
+    FSDP2 (`DistributedConfig`); the Trainer then neither wraps it in DDP nor shards it again."""
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(params)
     extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype]}
     if quantization is not None:
         extra["quantization_config"] = quantization
-    if torch.cuda.is_available():
+    if shard_over > 1:  # transformers places each process's shard on its device itself
+        from transformers.distributed.configuration_utils import DistributedConfig
+
+        extra["distributed_config"] = DistributedConfig(fsdp_size=shard_over)
+    elif torch.cuda.is_available():
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
     from_gguf = resolve_model(params.name).gguf_file is not None
     if not from_gguf:

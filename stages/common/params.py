@@ -140,6 +140,8 @@ class TrainParams:
     cuda_graphs: bool
     packed_attention: Literal["per_example", "whole_row"]  # stages/finetuning/packed_attention.py
     processes: int = field(metadata=between(1, 1024))
+    parallelism: Literal["ddp", "fsdp"]  # fsdp: the base's weights sharded over the processes (FSDP2)
+    gpu_memory_gib: float | None = field(metadata=above(0, 1_000_000))  # per-process budget; None = the whole card
     logging_steps: int = field(metadata=between(1, 1_000_000))
     seed: int = field(metadata=SEED)
 
@@ -308,10 +310,32 @@ def _cross_field_problems(params: Params) -> list[str]:
             "train.cuda_graphs without train.compile runs on one process (not yet measured under DDP): "
             "set train.processes: 1 or train.compile: true"
         )
+    if train.parallelism == "fsdp":
+        problems += _sharding_problems(params)
     if padding == "packed" and train.group_by_length:
         problems.append("train.group_by_length must be false with tokenize.padding packed (packs are length-balanced)")
     if params.model.quantization != "none" and params.model.compute_dtype == "float32":
         problems.append("model.compute_dtype must be float16 or bfloat16 when model.quantization is nf4 or fp4")
+    return problems
+
+
+def _sharding_problems(params: Params) -> list[str]:
+    """What `train.parallelism: fsdp` does not run with (stages/finetuning/model.py shards the base as it loads)."""
+    train, problems = params.train, []
+    if train.processes < 2:
+        problems.append("train.parallelism fsdp shards the base over processes: set train.processes to 2 or more")
+    if train.compile or train.cuda_graphs:
+        problems.append("train.parallelism fsdp runs the blocks eagerly: set train.compile and train.cuda_graphs false")
+    if params.model.quantization != "none":
+        problems.append(
+            "train.parallelism fsdp needs model.quantization none: peft's 4-bit layers need bitsandbytes' own "
+            "parameters, which sharding replaces (README: Several GPUs)"
+        )
+    if train.micro_batch_size == "auto":
+        problems.append(
+            "train.parallelism fsdp needs a numeric train.micro_batch_size: the auto probe stops at the first batch "
+            "that runs out of memory, which would leave the other processes waiting"
+        )
     return problems
 
 

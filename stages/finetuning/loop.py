@@ -176,7 +176,9 @@ def training_arguments(params: Params, micro: int, runtime: Runtime, rows_per_ba
         bf16=train.precision == "bf16",
         logging_steps=train.logging_steps,
         eval_strategy="epoch",
-        save_strategy="epoch",
+        # transformers cannot yet checkpoint the optimizer of a base sharded as it loads: such a run keeps no
+        # checkpoints, and a killed one starts over (README, Several GPUs)
+        save_strategy="no" if runtime.shards_base(train.parallelism) else "epoch",
         save_total_limit=2,
         seed=train.seed,
         data_seed=train.seed,

@@ -25,12 +25,28 @@ def build_model(params: Params, runtime: Runtime) -> tuple[Any, Any]:
         raise PipelineError("train.precision 'fp16' needs a CUDA GPU; use fp32 or bf16 on CPU")
     set_seed(params.train.seed)
     tokenizer = load_tokenizer(params.model)
-    model = attach_lora(load_base_model(params.model), params)
+    sharded = runtime.shards_base(params.train.parallelism)
+    base = load_base_model(params.model, shard_over=runtime.world_size if sharded else 1)
+    if sharded:
+        describe_shard(base, runtime)
+    model = attach_lora(base, params)
     if params.train.compile:  # before the micro-batch probe: compiled blocks need less memory than eager ones
         blocks = compile_layers(model, cuda_graphs=params.train.cuda_graphs)
         graphs = ", replayed as CUDA graphs" if params.train.cuda_graphs else ""
         log.info("torch.compile: %d transformer blocks compiled in place%s", blocks, graphs)
     return model, tokenizer
+
+
+def describe_shard(model: Any, runtime: Runtime) -> None:
+    """Log how much of the base this process holds: its share of every sharded weight."""
+    local = sum(getattr(p.data, "_local_tensor", p.data).numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "FSDP: the base's weights sharded over %d processes; this one holds %.1fM of %.1fM params",
+        runtime.world_size,
+        local / 1e6,
+        total / 1e6,
+    )
 
 
 def attach_lora(model: Any, params: Params) -> Any:

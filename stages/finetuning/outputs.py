@@ -37,8 +37,11 @@ def save_adapter(model: Any, tokenizer: Any, params: Params) -> None:
     """Adapter + tokenizer + how it was made (the data and tokenize params that came with the data, this stage's
     own params), so the folder and its zip say it without the repository."""
     made_with = read_json(PROVENANCE) | params.sections("model", "lora", "train")
+    # The adapter is the trained weights: given them, peft reads nothing else, so a base sharded over processes
+    # (train.parallelism fsdp) is not gathered to save from rank 0 alone, which would wait for the other processes
+    trained = {name: weight.detach() for name, weight in model.named_parameters() if weight.requires_grad}
     with atomic_path(ADAPTER_DIR, directory=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=trained)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "params.json", made_with)
         (tmp / "README.md").write_text(model_card(made_with), encoding="utf-8")  # replaces peft's blank one

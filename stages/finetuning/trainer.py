@@ -3,6 +3,7 @@ batch size and the number of processes."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -12,6 +13,13 @@ from transformers import Trainer
 
 from stages.common.loss import next_token_losses
 from stages.common.tokenized import IGNORE_INDEX
+
+
+def eval_passes(rows: int, processes: int, batch: int) -> int:
+    """Forward passes every process runs over its share of `rows` (every `processes`-th row): as many as the fullest
+    share needs, since a base sharded with FSDP gathers its weights from all processes in each pass. A process out of
+    rows runs a pass that counts nothing."""
+    return math.ceil(math.ceil(rows / processes) / batch)
 
 
 class TokenWeightedTrainer(Trainer):
@@ -45,14 +53,17 @@ class TokenWeightedTrainer(Trainer):
         self.model.eval()
         started = time.perf_counter()
         # Eager, even when the blocks are compiled: compiling the no-grad graph costs more than it saves on 500 rows.
+        passes = eval_passes(len(rows), self.args.world_size, size)
         with torch.no_grad(), self.autocast_smart_context_manager(), torch.compiler.set_stance("force_eager"):
-            for start in tqdm(range(0, len(shard), size), desc="eval loss", disable=not self.is_world_process_zero()):
-                batch = collate(shard[start : start + size])
+            for index in tqdm(range(passes), desc="eval loss", disable=not self.is_world_process_zero()):
+                part = shard[index * size : (index + 1) * size]
+                batch = collate(part or rows[:size])
                 labels = batch.pop("labels").to(device)
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 logits = self.model(**inputs).logits
                 labelled = (labels[:, 1:] != IGNORE_INDEX).sum()
-                totals += torch.stack([next_token_losses(logits, labels).sum(), labelled.float()])
+                if part:
+                    totals += torch.stack([next_token_losses(logits, labels).sum(), labelled.float()])
         self.model.train(was_training)
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
