@@ -13,20 +13,25 @@ included, so the model is asked the way it was trained."""
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stages.common.errors import PipelineError
-from stages.common.io import read_json
+from stages.common.made_with import read_made_with, untrusted
 from stages.common.paths import ADAPTER_DIR
 from stages.common.prompt import INSTRUCTION_MARKER
 from stages.common.templates import render_chat, trained_template
+
+log = logging.getLogger("pipeline")
 
 STOP = "\n" + INSTRUCTION_MARKER.split()[0] + " "  # "\n### ": the start of a new section the model may run on into
 
@@ -38,14 +43,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model to load instead of the one in the adapter's params.json")
     parser.add_argument("--prompt", help="answer this once and exit (default: a conversation on the terminal)")
     parser.add_argument("--compare", action="store_true", help="answer with the base model too, before the fine-tune")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the base run code from its model folder or repository (an adapter's params.json never can)",
+    )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
-    sampling.add_argument("--temperature", type=float, default=0.7, help="default: %(default)s")
-    sampling.add_argument("--top-p", type=float, default=0.9, help="default: %(default)s")
-    sampling.add_argument("--repetition-penalty", type=float, default=1.1, help="default: %(default)s")
+    sampling.add_argument("--max-new-tokens", type=whole(1), default=256, help="default: %(default)s")
+    sampling.add_argument("--temperature", type=positive, default=0.7, help="default: %(default)s")
+    sampling.add_argument("--top-p", type=share, default=0.9, help="in (0, 1]; default: %(default)s")
+    sampling.add_argument("--repetition-penalty", type=positive, default=1.1, help="default: %(default)s")
     sampling.add_argument("--greedy", action="store_true", help="always the likeliest token (same answer every time)")
-    sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    sampling.add_argument("--seed", type=whole(0), default=0, help="sampling seed (default: %(default)s)")
     parser.set_defaults(run=run)
+
+
+def whole(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g} (--greedy for the likeliest token)")
+    return value
+
+
+def share(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
 
 
 @dataclass
@@ -102,20 +149,33 @@ class Printer:
         return self.text.strip()
 
 
+MAX_UNPACKED_BYTES = 8 * 2**30  # an adapter zip unpacks to far less (a 7B base at rank 64: about 0.3 GiB)
+
+
 @contextmanager
 def adapter_folder(path: Path) -> Iterator[Path]:
-    """The adapter as a folder: a zip is unpacked (top-level files only, as the package stage writes it)."""
+    """The adapter as a folder: a zip is unpacked (top-level files only, as the package stage writes it), streamed
+    to disk in bounded memory, and refused before anything is written when it would unpack to more than the cap."""
     if path.is_dir() or not path.exists():
         yield path
         return
     if not zipfile.is_zipfile(path):
         raise PipelineError(f"{path}: neither an adapter folder nor a zip")
     with tempfile.TemporaryDirectory(prefix="adapter-") as tmp, zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
+        entries = archive.infolist()
+        for info in entries:
             name = Path(info.filename)
             if info.is_dir() or len(name.parts) != 1 or name.name.startswith("."):
                 raise PipelineError(f"{path}: unexpected entry {info.filename!r} (an adapter zip is flat)")
-            (Path(tmp) / name.name).write_bytes(archive.read(info))
+        unpacked = sum(info.file_size for info in entries)
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise PipelineError(
+                f"{path}: unpacks to {unpacked / 2**30:.1f} GiB, more than an adapter's {MAX_UNPACKED_BYTES // 2**30}"
+                " GiB; not an adapter zip"
+            )
+        for info in entries:
+            with archive.open(info) as source, (Path(tmp) / info.filename).open("wb") as target:
+                shutil.copyfileobj(source, target, 2**20)
         yield Path(tmp)
 
 
@@ -126,25 +186,26 @@ UNKNOWN_MAKING = {  # an adapter without params.json (made elsewhere): the base 
 
 
 def made_with(folder: Path, base: str | None) -> dict[str, Any]:
-    """The adapter's params.json (what it was trained with), `--base` replacing its base model."""
+    """The adapter's params.json (what it was trained with, checked as params are), `--base` replacing its base."""
     if not (folder / "params.json").is_file():
         if base is None:
             raise PipelineError(f"{folder}: no params.json to name the base model; pass --base")
         settings = UNKNOWN_MAKING
     else:
-        settings = read_json(folder / "params.json")
-        if not isinstance(settings, dict) or not isinstance(settings.get("model"), dict):
-            raise PipelineError(f"{folder / 'params.json'}: no model section")
+        settings = read_made_with(folder / "params.json", card=False)
     return {**settings, "model": {**settings["model"], **({"name": base} if base else {})}}
 
 
-def base_params(settings: dict[str, Any]) -> Any:
-    from stages.common.params import ModelParams
+def base_params(settings: dict[str, Any], trust_remote_code: bool) -> Any:
+    """The base to load: checked like params.yaml's model section; remote code only on the user's own flag."""
+    from stages.common.params import ModelParams, parse_section
 
-    try:
-        return ModelParams(**settings["model"])
-    except TypeError as err:
-        raise PipelineError(f"params.json: model section does not fit ({err})") from None
+    model = parse_section(ModelParams, settings["model"], "model", "the adapter's params.json or --base")
+    if model.trust_remote_code and not trust_remote_code:
+        log.warning("the adapter's params.json asks for trust_remote_code: ignored (pass --trust-remote-code to allow)")
+    if trust_remote_code:
+        log.warning("--trust-remote-code: %s may run code from its model folder or repository", model.name)
+    return untrusted(model, trust_remote_code)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,12 +216,18 @@ def run(args: argparse.Namespace) -> int:
     with adapter_folder(args.adapter) as folder:
         check_adapter_files(folder)
         settings = made_with(folder, args.base)
-        params = base_params(settings)
+        params = base_params(settings, args.trust_remote_code)
         model = load_finetuned(params, folder)
     tokenizer = load_tokenizer(params)
     template = trained_template(settings, tokenizer)
     add_special_tokens = template == "alpaca"  # as in training: a chat template writes its own
-    budget = max(16, (getattr(model.config, "max_position_embeddings", None) or 2048) - args.max_new_tokens)
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    if args.max_new_tokens > positions - 16:
+        raise PipelineError(
+            f"--max-new-tokens {args.max_new_tokens}: the model has {positions} positions; ask for at most "
+            f"{positions - 16}, so a prompt still fits"
+        )
+    budget = positions - args.max_new_tokens
 
     def answer(prompt: str, adapter: bool) -> str:
         from transformers import TextStreamer
@@ -206,15 +273,21 @@ def run(args: argparse.Namespace) -> int:
         respond(conversation, args.prompt)
         return 0
     print(f"chatting with {params.name} + {args.adapter}; /reset forgets the conversation, /exit ends it", flush=True)
+    return converse(conversation, respond)
+
+
+def converse(conversation: Conversation, respond: Callable[[Conversation, str], None], read: Callable = input) -> int:
+    """The conversation on the terminal: each message answered with the turns before it, `/reset` starting afresh,
+    `/exit` (or Ctrl-D) ending it."""
     while True:
         try:
-            message = input("you> ").strip()
+            message = read("you> ").strip()
         except EOFError:
             print()
             return 0
         if message in ("/exit", "/quit"):
             return 0
         if message == "/reset":
-            conversation = Conversation(tokenizer, template)
+            conversation = Conversation(conversation.tokenizer, conversation.template)
         elif message:
             respond(conversation, message)

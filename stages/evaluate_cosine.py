@@ -265,6 +265,14 @@ def compare(prompts: list[Prompt], base: list[Generation], tuned: list[Generatio
     return {**summary, "per_prompt": per_prompt}
 
 
+REFERENCE_CHARS = 2000  # a reference answer quoted in the git-tracked report: enough to judge the generations by
+
+
+def shortened(text: str, limit: int = REFERENCE_CHARS) -> str:
+    """`text`, or its first `limit` characters and a note of how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text) - limit} more characters)"
+
+
 def markdown_report(
     prompts: list[Prompt], base: list[Generation], tuned: list[Generation], metrics: dict[str, Any]
 ) -> str:
@@ -281,7 +289,7 @@ def markdown_report(
         cell = lambda g: g.text.replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"  # noqa: E731
         lines += [f"| {cell(base[i - 1])} | {cell(tuned[i - 1])} |", ""]
         if p.reference:
-            quoted = "\n".join(f"> {line}" for line in p.reference.strip().splitlines())
+            quoted = "\n".join(f"> {line}" for line in shortened(p.reference.strip()).splitlines())
             lines += ["Reference answer:", "", quoted, ""]
     return "\n".join(lines)
 

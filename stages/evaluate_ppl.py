@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from stages.common.errors import run_stage
+from stages.common.errors import check_finite_figures, run_stage
 from stages.common.io import write_json
 from stages.common.models import autocast, load_finetuned
 from stages.common.params import load_params
@@ -43,6 +43,8 @@ def main() -> None:
         finetuned = perplexities(model, rows, meta.pad_token_id, meta.max_length, batch_size, "perplexity fine-tuned")
         with model.disable_adapter():
             base = perplexities(model, rows, meta.pad_token_id, meta.max_length, batch_size, "perplexity base")
+    for name, figures in (("base", base), ("fine-tuned", finetuned)):
+        check_finite_figures(figures["perplexity"], f"{name} perplexity")
     metrics = {
         "base": base["perplexity"],
         "finetuned": finetuned["perplexity"],

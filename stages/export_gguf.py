@@ -11,6 +11,7 @@ token for token; where transformers cannot read the architecture (Phi-2) the fil
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ import torch
 
 from stages.common.errors import PipelineError, run_stage
 from stages.common.gguf_converter import convert
-from stages.common.io import atomic_path, read_json, write_json
+from stages.common.io import atomic_path, write_json
+from stages.common.made_with import read_made_with
 from stages.common.model_card import evaluation_figures, model_card
+from stages.common.models import check_finite_weights
 from stages.common.params import load_params
 from stages.common.paths import ADAPTER_DIR, GGUF_DIR, MERGED_DIR
 from stages.common.templates import modelfile, render_chat, trained_template
@@ -77,6 +80,20 @@ def round_trip_note(check: dict[str, Any], gguf_type: str) -> str:
     )
 
 
+def verify_round_trip(check: dict[str, Any], gguf_type: str, merged_dtype: str) -> None:
+    """A GGUF whose logits are not finite, or a lossless one that answers differently, is a broken export."""
+    if not check["checked"]:
+        return
+    gap = check["max_logit_difference"]
+    if not math.isfinite(gap):
+        raise PipelineError(f"{GGUF_DIR / GGUF_FILE}: read back, its logits are not finite; the export is not written")
+    if not check["same_greedy_answer"] and lossless(gguf_type, merged_dtype):
+        raise PipelineError(
+            f"{GGUF_DIR / GGUF_FILE}: read back, the {gguf_type} GGUF answers differently from {MERGED_DIR} "
+            f"(largest logit difference {gap}); the export is not written"
+        )
+
+
 def lossless(gguf_type: str, merged_dtype: str) -> bool:
     """Whether the GGUF holds the merged weights exactly, so that any other answer is a broken export."""
     return gguf_type == "f32" or (gguf_type, merged_dtype) in {("f16", "float16"), ("bf16", "bfloat16")}
@@ -88,19 +105,17 @@ def main() -> None:
     params = load_params()
     if not (MERGED_DIR / "config.json").is_file():
         raise PipelineError(f"{MERGED_DIR}: no merged model (config.json missing); run the merge stage first")
+    for weights in sorted(MERGED_DIR.glob("*.safetensors")):
+        check_finite_weights(weights)
     gguf_type, name = params.export.gguf_type, params.package.name
-    made_with = read_json(ADAPTER_DIR / "params.json")
+    made_with = read_made_with(ADAPTER_DIR / "params.json")
     tokenizer = AutoTokenizer.from_pretrained(MERGED_DIR)
     template = trained_template(made_with, tokenizer)
     prompt = render_chat([{"role": "user", "content": params.eval.generate.prompts[0]}], tokenizer, template)
     with atomic_path(GGUF_DIR, directory=True) as tmp:
         convert(MERGED_DIR, tmp / GGUF_FILE, gguf_type, name)
         check = round_trip(MERGED_DIR, tokenizer, tmp / GGUF_FILE, prompt, template == "alpaca")
-        if check["checked"] and not check["same_greedy_answer"] and lossless(gguf_type, params.export.dtype):
-            raise PipelineError(
-                f"{GGUF_DIR / GGUF_FILE}: read back, the {gguf_type} GGUF answers differently from {MERGED_DIR} "
-                f"(largest logit difference {check['max_logit_difference']}); the export is not written"
-            )
+        verify_round_trip(check, gguf_type, params.export.dtype)
         write_json(tmp / "round_trip.json", check)
         (tmp / "Modelfile").write_text(modelfile(GGUF_FILE, template, tokenizer.eos_token), encoding="utf-8")
         notes = (

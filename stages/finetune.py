@@ -13,11 +13,12 @@ outputs (what is saved), live (dvclive); batching, compiled, fourbit, checkpoint
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
-from stages.common.errors import PipelineError, run_stage
-from stages.common.params import load_params
+from stages.common.errors import PipelineError, one_at_a_time, run_stage
+from stages.common.params import Params, load_params
 from stages.finetuning.launch import inside_launched_job, run_processes
 from stages.finetuning.live import live_metrics
 from stages.finetuning.loop import TrainingData, fit
@@ -28,8 +29,15 @@ from stages.finetuning.runtime import Runtime
 
 def main() -> None:
     params = load_params()
-    if params.train.processes > 1 and not inside_launched_job():
-        sys.exit(run_processes(params.train.processes, "stages.finetune"))
+    if inside_launched_job():  # one of the processes the run below started: the stage holds the lock
+        return train(params)
+    with one_at_a_time(Path(__file__), "finetune"):
+        if params.train.processes > 1:
+            sys.exit(run_processes(params.train.processes, "stages.finetune"))
+        train(params)
+
+
+def train(params: Params) -> None:
     runtime = Runtime.detect()
     runtime.use_cpu_cores()
     runtime.cap_gpu_memory(params.train.gpu_memory_gib)

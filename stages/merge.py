@@ -16,9 +16,10 @@ import torch
 
 from stages.common.errors import run_stage
 from stages.common.fragile import rename_base
-from stages.common.io import atomic_path, read_json, write_json
+from stages.common.io import atomic_path, write_json
+from stages.common.made_with import read_made_with
 from stages.common.model_card import evaluation_figures, model_card
-from stages.common.models import DTYPES, load_finetuned, load_tokenizer
+from stages.common.models import DTYPES, check_finite_model, load_finetuned, load_tokenizer
 from stages.common.params import ModelParams, load_params
 from stages.common.paths import ADAPTER_DIR, MERGED_DIR
 from stages.common.templates import ALPACA_JINJA, trained_template
@@ -32,9 +33,10 @@ def main() -> None:
     unquantized = ModelParams(base.name, base.revision, "none", "float32", base.trust_remote_code)
     model = load_finetuned(unquantized, ADAPTER_DIR)
     merged = model.merge_and_unload().to(DTYPES[params.export.dtype])
+    check_finite_model(merged, f"{MERGED_DIR} ({params.export.dtype})")
     rename_base(merged, params.model.name)
     tokenizer = load_tokenizer(params.model)
-    made_with = read_json(ADAPTER_DIR / "params.json")
+    made_with = read_made_with(ADAPTER_DIR / "params.json")
     if trained_template(made_with, tokenizer) == "alpaca":  # the trained format, for apply_chat_template and the GGUF
         tokenizer.chat_template = ALPACA_JINJA
     notes = [f"weights: {params.export.dtype}, base and LoRA update added in float32"]

@@ -15,8 +15,10 @@ import zipfile
 from pathlib import Path
 
 from stages.common.errors import PipelineError, run_stage
-from stages.common.io import atomic_path, read_json
+from stages.common.io import atomic_path
+from stages.common.made_with import read_made_with
 from stages.common.model_card import evaluation_figures, model_card
+from stages.common.models import check_adapter_files
 from stages.common.params import load_params
 from stages.common.paths import ADAPTER_DIR, ADAPTER_ZIP
 
@@ -50,7 +52,8 @@ def write_zip(folder: Path, target: Path, name: str = "adapter", metrics: dict |
     for required in REQUIRED:
         if not any(f.name == required for f in files):
             raise PipelineError(f"{folder}: no trained adapter ({required} missing); run finetune first")
-    card = model_card(read_json(folder / "params.json"), title=name, metrics=metrics)
+    check_adapter_files(folder)
+    card = model_card(read_made_with(folder / "params.json"), title=name, metrics=metrics)
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in files:
             info = zipfile.ZipInfo(path.name, FIXED_TIME)

@@ -47,3 +47,20 @@ def test_text_that_only_looks_like_the_start_of_a_section_is_shown_in_the_end():
     assert out.getvalue() == "Use C#"  # "\n#" could start "\n### ": held back for now
     printer.put(" is a heading")
     assert printer.end() == "Use C#\n# is a heading" and out.getvalue() == "Use C#\n# is a heading\n"
+
+
+def test_reset_forgets_the_conversation_the_model_is_asked_with(tokenizer):
+    """What the model is sent for each message: earlier turns before /reset, none after it."""
+    from lora_dvc.chat import converse
+
+    sent: list[str] = []
+
+    def respond(conversation: Conversation, message: str) -> None:
+        sent.append(conversation.prompt(message))
+        conversation.turns.append((message, f"answer to {message}"))
+
+    typed = iter(["Name a colour.", "Another?", "/reset", "Hello", "/exit", "never read"])
+    assert converse(Conversation(tokenizer, "alpaca"), respond, lambda _: next(typed)) == 0
+    assert len(sent) == 3 and "Name a colour." in sent[1]  # the second message goes with the first turn
+    assert sent[2] == format_prompt("Hello")  # after /reset: the new message alone
+    assert next(typed) == "never read"  # /exit ended it

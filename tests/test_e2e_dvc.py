@@ -123,8 +123,12 @@ def test_zip_holds_a_loadable_adapter(project, tmp_path, tiny_model_dir):
 
 def test_experiment_walkthrough_names_both_runs(project, tmp_path):
     """The README's walk-through: dvc exp run -S, then exp show, metrics diff and plots diff name both runs (the
-    experiment runs up to the plot stage: the exports after it add nothing to what is compared here)."""
-    run(project, "dvc", "exp", "run", "-n", "rank16", "-S", "lora.r=16", "plot")
+    experiment runs up to the plot stage: the exports after it add nothing to what is compared here). It logs a train
+    loss every 5 optimizer steps and has fewer: its one train loss is logged at its last step, for the plot stage."""
+    run(project, "dvc", "exp", "run", "-n", "rank16", "-S", "lora.r=16", "-S", "train.logging_steps=5", "plot")
+    curve = (project / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
+    last_step = json.loads((project / "dvclive/metrics.json").read_text())["step"]
+    assert last_step < 5 and curve[1:] == [f"{last_step}\t{curve[1].split()[1]}"], curve  # one point, the last
     shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
     names = json.dumps(shown)
     head = run(project, "git", "rev-parse", "HEAD").stdout.strip()

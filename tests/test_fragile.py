@@ -43,5 +43,6 @@ def test_a_gguf_base_is_trainable(tmp_path):
 
 def test_static_address_marking_exists():
     tensor = torch.ones(4)
+    assert getattr(tensor, "_dynamo_static_input_type", None) is None
     mark_static_address(tensor)  # fails if torch drops or renames the private API
-    assert torch.equal(tensor, torch.ones(4))
+    assert tensor._dynamo_static_input_type == "unguarded"  # what dynamo reads to keep the address out of the graph

@@ -2,6 +2,8 @@ import json
 import zipfile
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from stages.common.errors import PipelineError
 from stages.package_zip import write_zip
@@ -12,7 +14,7 @@ def adapter_folder(tmp_path):
     folder = tmp_path / "adapter"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text("{}")
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({"lora_B": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
     (folder / "tokenizer.json").write_text("{}")
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     (folder / "README.md").write_text("peft's card, with /home/someone/.venv in it")

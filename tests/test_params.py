@@ -1,6 +1,8 @@
 import copy
+import dataclasses
 
 import pytest
+import yaml
 
 from stages.common.errors import PipelineError
 from stages.common.params import parse_params, with_overrides
@@ -40,8 +42,15 @@ def test_seed_profiles_keep_the_seed_recipe(profile):
     assert seed.train.effective_batch_size == 16
     assert (seed.train.learning_rate, seed.train.weight_decay, seed.train.warmup_ratio) == (3e-4, 0.01, 0.0)
     assert (seed.train.epochs, seed.train.logging_steps) == (1, 10)
-    assert seed.eval.generate.prompts[0] == "Tell me a story about a brave warrior."
-    assert seed.eval.generate.embedder == "sentence-transformers/all-MiniLM-L6-v2"
+    # every evaluation value: the seed's one prompt, its embedder and generation budget, plus four held-out prompts
+    assert dataclasses.asdict(seed.eval.generate) == {
+        "prompts": ["Tell me a story about a brave warrior."],
+        "held_out_prompts": 4,
+        "max_new_tokens": 128,
+        "batch_size": 8,
+        "embedder": "sentence-transformers/all-MiniLM-L6-v2",
+    }
+    assert seed.eval.ppl.batch_size == {"profiles/seed.yaml": 64, "profiles/seed-exact.yaml": 16}[profile]
 
 
 def test_seed_exact_profile_is_the_seed_verbatim():
@@ -251,3 +260,28 @@ def test_gpu_memory_budget_is_a_positive_number_or_null():
     assert parse_params(with_change("train.gpu_memory_gib", 16)).train.gpu_memory_gib == 16
     with pytest.raises(PipelineError, match=r"train.gpu_memory_gib must be in \(0, 1000000\], got 0"):
         parse_params(with_change("train.gpu_memory_gib", 0))
+
+
+@pytest.mark.parametrize("written", ["010", "0o10", "1_000", "0x10", "1e3"])
+def test_params_yaml_reads_as_dvc_reads_it(tmp_path, written):
+    """dvc.lock and `dvc params diff` show DVC's reading (YAML 1.2): the stages train with that same value."""
+    from dvc.utils.serialize import parse_yaml
+
+    from stages.common.params import read_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"data:\n  seed: {written}\n")
+    ours, dvcs = read_yaml(path)["data"]["seed"], parse_yaml(path.read_text(), str(path))["data"]["seed"]
+    assert (ours, type(ours)) == (dvcs, type(dvcs))
+    assert parse_params(with_change("data.seed", ours)).data.seed == int(dvcs)
+
+
+@pytest.mark.parametrize(("key", "written"), [("data.seed", "1:20"), ("train.group_by_length", "yes")])
+def test_a_yaml_1_1_form_dvc_reads_as_text_is_refused_in_one_line(tmp_path, key, written):
+    from stages.common.params import load_params
+
+    raw = with_change(key, "PLACEHOLDER")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False).replace("PLACEHOLDER", written))
+    with pytest.raises(PipelineError, match=rf"^{path}: {key} must be .*, got '{written}'$"):
+        load_params(path)

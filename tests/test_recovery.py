@@ -56,6 +56,18 @@ def fresh_finetune(root, processes: int = 1) -> subprocess.CompletedProcess:
     return run(root, "python", "-m", "stages.finetune")
 
 
+def assert_same_training(expected: dict, got: dict) -> None:
+    """The same adapter trained another way. Not bit for bit: each process draws its own LoRA dropout masks, which
+    moves the updates by ~10% (the losses agree to 1e-4). But every trained (lora_B, zero at start) tensor lies far
+    closer to the one-process run's than an untrained, another seed's or a swapped tensor would (all >= 100%)."""
+    assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
+    trained = [name for name in expected if "lora_B" in name]
+    assert trained
+    for name in trained:
+        gap = (got[name] - expected[name]).norm() / expected[name].norm()
+        assert expected[name].norm() > 0 and gap < 0.5, (name, gap.item())
+
+
 @pytest.fixture(scope="module")
 def reference(project, tmp_path_factory):
     """An uninterrupted run's adapter and metrics."""
@@ -146,10 +158,7 @@ def test_two_processes_write_once_and_agree_with_one(project, reference):
     # eval loss is token-weighted over the whole split: the same figure whatever the process count
     assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
     assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
-    # The weights are not compared value by value: each process draws its own LoRA dropout masks, which moves the
-    # updates by ~10% (the losses above agree to 1e-4); the adapter has the same tensors.
-    expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
-    assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
+    assert_same_training(load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER))
 
 
 def test_a_base_sharded_over_two_processes_trains_as_one(project, reference):
@@ -171,8 +180,7 @@ def test_a_base_sharded_over_two_processes_trains_as_one(project, reference):
     assert two["step"] == one["step"]
     assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
     assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
-    expected, got = load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER)
-    assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in got.items()}
+    assert_same_training(load_file(reference / "adapter.safetensors"), load_file(project / ADAPTER))
 
 
 def test_two_processes_report_the_run_loss_of_one_when_no_step_logs(tmp_path_factory, tiny_model_dir):

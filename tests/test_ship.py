@@ -112,6 +112,26 @@ def test_a_merged_model_the_converter_cannot_read_is_one_line_and_keeps_the_last
     assert not list((project / "models").glob(".gguf.*.tmp"))
 
 
+def test_the_merge_adds_the_update_in_float32_then_rounds_to_the_export_dtype(project):
+    """The default float16 export holds exactly (base + update in float32) rounded once; folding in float16 would
+    round twice and give other bits on some weights (checked here, so the test can tell the two apart)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def merged_in(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        base = AutoModelForCausalLM.from_pretrained(project / TINY_MODEL, dtype=dtype)
+        model = PeftModel.from_pretrained(base, project / "models/adapter").merge_and_unload()
+        return {name: tensor.to(torch.float16) for name, tensor in model.state_dict().items()}
+
+    saved = load_file(str(project / "models/merged/model.safetensors"))
+    in_float32, in_float16 = merged_in(torch.float32), merged_in(torch.float16)
+    updated = [name for name in saved if name.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert updated and all(torch.equal(saved[name], in_float32[name]) for name in updated)
+    assert any(not torch.equal(in_float16[name], in_float32[name]) for name in updated)
+
+
 def test_the_merged_model_needs_no_peft_and_gives_base_plus_adapter_logits(project):
     reference = logits_of(project, BASE_PLUS_ADAPTER)
     # what the adapter changes at all: the base alone against base + adapter (the scale the tolerances are set by)
@@ -140,7 +160,8 @@ def test_each_model_card_has_front_matter_figures_and_a_snippet_that_runs_as_wri
     front, snippets = card_parts(text)
     assert front["pipeline_tag"] == "text-generation" and front["library_name"] in ("peft", "transformers", "gguf")
     perplexity = json.loads((project / "metrics/perplexity.json").read_text())
-    assert f"{perplexity['finetuned']['response']:.3f}" in text and f"{perplexity['base']['response']:.3f}" in text
+    base, tuned = (perplexity[model]["response"] for model in ("base", "finetuned"))
+    assert f"| perplexity, answer tokens only | {base:.3f} | {tuned:.3f} |" in text.splitlines()  # in its own row
     assert TINY_MODEL in text and "r=4" in text
     [snippet] = snippets
     answer = run(project, sys.executable, "-c", snippet).stdout
@@ -185,8 +206,12 @@ def broken_adapters(project, tmp_path) -> dict[str, tuple[list[str], str]]:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    non_finite = tmp_path / "non-finite"
+    shutil.copytree(project / "models/adapter", non_finite)
+    poison_first_tensor(non_finite / "adapter_model.safetensors")
     return {
         "missing": (["--adapter", str(tmp_path / "nothing")], r"no trained adapter \(adapter_config.json missing\)"),
+        "non-finite": (["--adapter", str(non_finite)], r"adapter_model.safetensors: tensor \S+ holds NaN or infinite"),
         "corrupt": (["--adapter", str(corrupt)], r"adapter_model.safetensors: not a readable safetensors file"),
         "rank file": (["--adapter", str(rank)], r"does not fit base model 'models/base/tiny': size mismatch"),
         "wrong base": (["--base", "models/base/other"], r"does not fit base model 'models/base/other': size mismatch"),
@@ -199,3 +224,108 @@ def test_a_broken_or_mismatched_adapter_is_one_line(project, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), (case, result.stderr)
         assert "Traceback" not in result.stderr, case
+
+
+def poison_first_tensor(weights) -> None:
+    """A NaN in the first tensor of a safetensors file, as a damaged download or a tampered file would have."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_non_finite_weights_stop_evaluation_and_export_and_keep_the_last_outputs(project, tmp_path):
+    for weights, stage, kept in [
+        ("models/adapter/adapter_model.safetensors", "evaluate_ppl", "metrics/perplexity.json"),
+        ("models/merged/model.safetensors", "export_gguf", "models/gguf/round_trip.json"),
+    ]:
+        saved, before = (project / weights).read_bytes(), (project / kept).read_bytes()
+        poison_first_tensor(project / weights)
+        try:
+            error = one_error(run(project, sys.executable, "-m", f"stages.{stage}", check=False))
+        finally:
+            (project / weights).write_bytes(saved)
+        assert f"{weights}: tensor" in error and "NaN or infinite" in error, error
+        assert (project / kept).read_bytes() == before
+
+
+def test_a_gguf_that_answers_differently_fails_the_round_trip(project, tmp_path):
+    """The export's own check against a GGUF whose output norm was flipped: a lossless type must answer the same."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from stages.common.errors import PipelineError
+    from stages.export_gguf import round_trip, verify_round_trip
+
+    tampered = tmp_path / "model.gguf"
+    shutil.copy(project / "models/gguf/model.gguf", tampered)
+    reader = GGUFReader(tampered, "r+")
+    norm = next(tensor for tensor in reader.tensors if tensor.name == "output_norm.weight")
+    norm.data[:] = -norm.data
+    reader.data.flush()
+    merged = project / "models/merged"
+    check = round_trip(merged, AutoTokenizer.from_pretrained(merged), tampered, PROMPT, False)
+    assert check["checked"] and not check["same_greedy_answer"], check
+    with pytest.raises(PipelineError, match="the f16 GGUF answers differently"):
+        verify_round_trip(check, "f16", "float16")
+
+
+EVIL_CODE = """import pathlib
+pathlib.Path(MARKER).write_text("ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+class EvilConfig(LlamaConfig):
+    pass
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def test_a_shared_zip_cannot_turn_on_code_from_a_model_folder(project, tmp_path):
+    """A zip's params.json names a local model folder with code and switches trust_remote_code on: chat ignores it
+    and says so; only the user's --trust-remote-code runs that code (which shows the folder's code would run)."""
+    evil = project / "models/base/evil"
+    shutil.copytree(project / TINY_MODEL, evil)
+    marker = tmp_path / "pwned"
+    (evil / "evil.py").write_text(EVIL_CODE.replace("MARKER", repr(str(marker))))
+    config = json.loads((evil / "config.json").read_text())
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config | {"auto_map": auto_map}))
+    shared = tmp_path / "shared.zip"
+    with zipfile.ZipFile(project / "models/adapter.zip") as source, zipfile.ZipFile(shared, "w") as out:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "params.json":
+                settings = json.loads(data)
+                settings["model"] |= {"name": "models/base/evil", "trust_remote_code": True}
+                data = json.dumps(settings).encode()
+            out.writestr(name, data)
+    modules = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = ["lora-dvc", "chat", "--max-new-tokens", "4", "--adapter", str(shared), "--prompt", "hi"]
+    ignored = subprocess.run(command, cwd=project, env=env() | modules, capture_output=True, text=True, timeout=600)
+    assert not marker.exists(), ignored.stderr[-2000:]
+    assert "params.json asks for trust_remote_code: ignored" in ignored.stderr
+    trusted = [*command, "--trust-remote-code"]
+    subprocess.run(trusted, cwd=project, env=env() | modules, capture_output=True, text=True, timeout=600)
+    assert marker.read_text() == "ran"
+
+
+def test_chat_refuses_more_new_tokens_than_the_model_has_positions(project):
+    error = one_error(chat(project, "--max-new-tokens", "100000000", "--prompt", "hi"))
+    assert "--max-new-tokens 100000000: the model has 512 positions" in error
+
+
+def test_a_second_finetune_in_the_same_checkout_stops_in_one_line(project):
+    from stages.common.errors import one_at_a_time
+
+    with one_at_a_time(project / "stages/finetune.py", "finetune"):
+        result = run(project, sys.executable, "-m", "stages.finetune", check=False)
+    assert "another finetune is running in this checkout" in one_error(result)

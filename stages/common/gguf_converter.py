@@ -56,6 +56,16 @@ def ensure_converter() -> Path:
     return target
 
 
+def die_with_parent() -> None:
+    """In the converter's process before it starts: the kernel ends it when the stage's process dies, however it
+    dies (a SIGKILL included), so a killed export leaves no converter writing on."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def convert(model_dir: Path, outfile: Path, gguf_type: str, name: str) -> None:
     """Write `model_dir` (a transformers folder) as one GGUF file; the converter's progress shows as it runs."""
     folder = ensure_converter()
@@ -64,7 +74,7 @@ def convert(model_dir: Path, outfile: Path, gguf_type: str, name: str) -> None:
     command = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile),
                "--outtype", gguf_type, "--model-name", name]  # fmt: skip
     log.info("converting %s to GGUF %s ...", model_dir, gguf_type)
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     tail: list[str] = []
     for raw in process.stderr:  # one line per tensor ("blk.0.attn_q.weight, torch.float16 --> F16") is left out
         line = raw.decode(errors="replace")

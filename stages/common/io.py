@@ -106,7 +106,25 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise PipelineError(f"{path}:{number}: not UTF-8 text") from None
             if not text.strip():
                 continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+            yield number, parse_json(text, f"{path}:{number}")
+
+
+def parse_json(text: str, where: str, multiline: bool = False) -> Any:
+    """JSON text as Python values, or one line naming `where` (and the line, for `multiline` text): malformed, nested
+    past Python's recursion limit, a number too long to convert, or a lone surrogate (an escape such as \\ud800
+    that no UTF-8 text can hold)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{where}{f':{err.lineno}' if multiline else ''}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise PipelineError(f"{where}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer past int's digit limit
+        raise PipelineError(f"{where}: unreadable JSON value ({str(err).splitlines()[0]})") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PipelineError(f"{where}: text holds a lone surrogate escape (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise PipelineError(f"{where}: JSON nested too deeply") from None
+    return value

@@ -21,7 +21,7 @@ import torch
 from stages.common.errors import PipelineError
 from stages.common.fragile import unlabel_dequantized_gguf
 from stages.common.params import ModelParams
-from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR
+from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR, inside_repository
 
 log = logging.getLogger("pipeline")
 
@@ -71,6 +71,8 @@ def resolve_model(name: str, key: str = "model.name") -> ModelSource:
         return ModelSource(str(path))
     local = Path(name)
     tracked = any(local.is_relative_to(folder) for folder in (BASE_MODELS_DIR, EMBEDDERS_DIR))
+    if tracked and local.exists():
+        inside_repository(local, key)
     if not local.is_absolute() and local.exists() and not tracked:
         # transformers loads a local folder before a hub id of the same name, and DVC does not watch that folder
         raise PipelineError(
@@ -218,19 +220,35 @@ def load_finetuned(params: ModelParams, adapter_dir: Path) -> Any:
 
 def check_adapter_files(adapter_dir: Path) -> None:
     """The two files peft needs, present and readable (a truncated download or a corrupted copy is named here)."""
-    from safetensors import safe_open
-
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
             raise PipelineError(f"{adapter_dir}: no trained adapter ({name} missing); run finetune or dvc pull first")
-    weights = adapter_dir / "adapter_model.safetensors"
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
-    except Exception as err:  # safetensors raises its own error types for a damaged header or file
-        raise PipelineError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    check_finite_weights(adapter_dir / "adapter_model.safetensors")
     try:
         json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PipelineError(f"{adapter_dir / 'adapter_config.json'}: not valid JSON: {err}") from None
+
+
+def check_finite_weights(weights: Path) -> None:
+    """Every tensor of a safetensors file readable and finite, one tensor in memory at a time: a damaged or tampered
+    file (or a diverged run's) is named here, before it is evaluated, merged, exported or chatted with."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise PipelineError(f"{weights}: tensor {key} holds NaN or infinite values (damaged weights)")
+    except PipelineError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for a damaged header or file
+        raise PipelineError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def check_finite_model(model: Any, what: str) -> None:
+    """A model in memory (a merge's result) holds only finite weights, or the stage stops before saving it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PipelineError(f"{what}: weight {name} holds NaN or infinite values; nothing was written")

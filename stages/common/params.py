@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
-
 from stages.common.errors import PipelineError
 from stages.common.paths import BASE_MODELS_DIR, EMBEDDERS_DIR, RAW_DIR
 
@@ -352,6 +350,15 @@ def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return tree
 
 
+def parse_section(cls: type, raw: Any, key: str, origin: str) -> Any:
+    """One section (`model` of an adapter's params.json, say) through the same checks as params.yaml's."""
+    problems: list[str] = []
+    section = _build(cls, raw, f"{key}.", problems)
+    if problems:
+        raise PipelineError(f"{origin}: " + "; ".join(sorted(problems)))
+    return section
+
+
 def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     problems: list[str] = []
     params = _build(Params, raw, "", problems)
@@ -362,24 +369,13 @@ def parse_params(raw: Any, origin: str = str(PARAMS_FILE)) -> Params:
     return params
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """YAML that refuses a key written twice in one mapping (plain YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (line {mark.line + 1}, column {mark.column + 1})", mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a syntax error or a duplicate key is one line naming file:line:column."""
+    """Parse a YAML file exactly as DVC does (ruamel.yaml's safe loader, YAML 1.2: `010` is 10, `yes` a string), so
+    the value a stage trains with is the one dvc.lock and `dvc params diff` show; a syntax error or a key written
+    twice is one line naming file:line:column."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -387,14 +383,17 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not UTF-8 text") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.MarkedYAMLError as err:
+        return YAML(typ="safe").load(text)  # dvc.utils.serialize.parse_yaml's reading
+    except MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = err.problem or err.context or "not valid YAML"
-        raise PipelineError(f"{where}: {problem.split(' (line')[0]}") from None
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        problem = (err.problem or err.context or "not valid YAML").split("\n")[0]
+        duplicate = re.match(r'found duplicate key "(.*?)" with value', problem)
+        if duplicate:
+            problem = f"duplicate key '{duplicate[1]}'"
+        raise PipelineError(f"{where}: {problem}") from None
+    except (YAMLError, RecursionError) as err:
+        raise PipelineError(f"{path}: not valid YAML: {(str(err) or type(err).__name__).splitlines()[0]}") from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from stages.common.errors import PipelineError
+
 RAW_DIR = Path("data/raw")
 SUBSET_DIR = Path("data/subset")
 SUBSET_SOURCE = SUBSET_DIR / "source.json"  # the data params the subset was drawn with
@@ -25,3 +27,15 @@ RESULTS_REPORT = Path("reports/results.md")
 MERGED_DIR = Path("models/merged")  # base + adapter folded into plain weights
 GGUF_DIR = Path("models/gguf")  # the merged model for llama.cpp and Ollama
 ADAPTER_ZIP = Path("models/adapter.zip")  # fixed: no param is ever part of an out path (dvc.yaml says why)
+
+
+def inside_repository(path: Path, key: str) -> None:
+    """A local data file or model folder (each file in it too) lies inside the repository: a link out of it would
+    have a stage read what DVC does not track as the project's, from anywhere on the machine. Params name these
+    relative to the repository (the schema refuses others); an absolute path comes from code (tests, the bench)."""
+    if path.is_absolute():
+        return
+    root = Path.cwd().resolve()
+    for item in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+        if not item.resolve().is_relative_to(root):
+            raise PipelineError(f"{key} '{path}': {item} links outside the repository; copy the file in instead")

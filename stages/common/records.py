@@ -12,13 +12,13 @@ turn: every assistant turn is an answer to train on."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from stages.common.errors import PipelineError
-from stages.common.io import read_jsonl
+from stages.common.io import parse_json, read_jsonl
+from stages.common.paths import inside_repository
 
 log = logging.getLogger("pipeline")
 
@@ -128,11 +128,10 @@ def _read_file(path: Path) -> list[tuple[str, Any]]:
         return [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise PipelineError(f"{path}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise PipelineError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        rows = parse_json(text, str(path), multiline=True)
         if not isinstance(rows, list):
             raise PipelineError(f"{path}: expected a JSON list of records")
         return [(f"{path}: record {i + 1}", raw) for i, raw in enumerate(rows)]
@@ -170,6 +169,7 @@ def read_records(
         path = Path(source)
         if not path.is_file():
             raise PipelineError(f"data.source '{source}': file not found (use 'hub:<id>' for a hub dataset)")
+        inside_repository(path, "data.source")
         rows = _read_file(path)
     records = check_records(rows, fmt)
     if not records:

@@ -14,7 +14,12 @@ from stages.common.params import Params
 
 STAGES = Path(__file__).resolve().parents[1]
 # The code a run's result depends on: a checkpoint written by other code is not resumed.
-CODE_FILES = [STAGES / "finetune.py", *sorted(STAGES.glob("common/*.py")), *sorted(STAGES.glob("finetuning/*.py"))]
+CODE_FILES = [
+    STAGES / "__init__.py",  # the CPU kernel pins
+    STAGES / "finetune.py",
+    *sorted(STAGES.glob("common/*.py")),
+    *sorted(STAGES.glob("finetuning/*.py")),
+]
 
 log = logging.getLogger("pipeline")
 

@@ -13,11 +13,14 @@ have neither a gap nor a repeated step."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from stages.common.fragile import dvclive_never_inits_a_repo
 from stages.common.paths import LIVE_DIR
+
+log = logging.getLogger("pipeline")
 
 # the Trainer's log keys -> dvclive metric names (files dvclive/plots/metrics/<name>.tsv, keys of metrics.json)
 LOGGED = {
@@ -26,6 +29,26 @@ LOGGED = {
     "grad_norm": "train/grad_norm",
     "eval_loss": "eval/loss",
 }
+
+
+def short_run_callback() -> Any:
+    """Trainer callback (every process: logging gathers the loss across them). A run shorter than `logging_steps`
+    logs its train loss at its last step, so every run has the train curves `plot` reads; a run of one optimizer step
+    (`train.epochs` far below one epoch) says so in one line."""
+    from transformers import TrainerCallback
+
+    class _ShortRun(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.max_steps == 1 and state.is_world_process_zero:
+                log.warning(
+                    "train.epochs %g makes a single optimizer step: the adapter barely moves", args.num_train_epochs
+                )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == state.max_steps and not any("loss" in entry for entry in state.log_history):
+                control.should_log = True
+
+    return _ShortRun()
 
 
 def live_metrics() -> Any:

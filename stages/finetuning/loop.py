@@ -24,6 +24,7 @@ from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
 from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.live import short_run_callback
 from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
 from stages.finetuning.timing import StepClock, step_profiler
@@ -129,7 +130,11 @@ def build_trainer(model: Any, args: Any, shapes: BatchShapes, micro: int, compil
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=collator,
-        callbacks=[finite_loss_callback(), *(c.callback if hasattr(c, "callback") else c for c in callbacks if c)],
+        callbacks=[
+            finite_loss_callback(),
+            short_run_callback(),
+            *(c.callback if hasattr(c, "callback") else c for c in callbacks if c),
+        ],
     )
     trainer.eval_collator = eval_collator
     return trainer
