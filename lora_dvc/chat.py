@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_finetuned(params, folder)
     tokenizer = load_tokenizer(params)
     template = trained_template(settings, tokenizer)
+    log.info("asking in the %s format, as the adapter was trained", template)
     add_special_tokens = template == "alpaca"  # as in training: a chat template writes its own
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     if args.max_new_tokens > positions - 16:

@@ -2,7 +2,7 @@
 
     python -m stages.plot
 
-Reads metrics/{perplexity,cosine}.json and dvclive's summary and loss curves (dvclive/metrics.json,
+Reads metrics/{perplexity,cosine,harness}.json and dvclive's summary and loss curves (dvclive/metrics.json,
 dvclive/plots/metrics/{train,eval}/loss.tsv); writes plots/perplexity.png (base
 blue, fine-tuned orange, both perplexity kinds, values on the bars), plots/loss.png, plots/perplexity.csv (the
 table behind `dvc plots show` / `dvc plots diff`, declared in dvc.yaml) and reports/results.md (the README's
@@ -21,11 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from stages.common.errors import PipelineError, run_stage  # noqa: E402
+from stages.common.harness_table import harness_rows  # noqa: E402
 from stages.common.io import atomic_path, read_json  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
 from stages.common.paths import (  # noqa: E402
     COSINE_METRICS,
     CURVES_DIR,
+    HARNESS_METRICS,
     PERPLEXITY_METRICS,
     PLOTS_DIR,
     RESULTS_REPORT,
@@ -91,7 +93,7 @@ def perplexity_table(metrics: dict, target: Path) -> None:
                 writer.writerow([f"{kind}: {label}", label, kind, round(metrics[model][kind], 4)])
 
 
-def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
+def results_markdown(perplexity: dict, cosine: dict, train: dict, harness: dict) -> str:
     """The figures a reader checks first, as a Markdown table, straight from the metrics files. No timings: the
     README holds a copy that tests compare with a fresh run, which any machine must reproduce."""
     rows = [
@@ -104,6 +106,7 @@ def results_markdown(perplexity: dict, cosine: dict, train: dict) -> str:
         rows.append(
             ("cosine to the reference answer", cosine["to_reference"]["base"], cosine["to_reference"]["finetuned"])
         )
+    rows += harness_rows(harness)
     lines = ["| figure | base | fine-tuned |", "|---|---|---|"]
     lines += [f"| {name} | {base:.3f} | {tuned:.3f} |" for name, base, tuned in rows]
     rules = cosine["run_on_rules"]
@@ -128,7 +131,10 @@ def main() -> None:
     loss_chart(PLOTS_DIR / "loss.png", params.dpi)
     perplexity_table(metrics, PLOTS_DIR / "perplexity.csv")
     with atomic_path(RESULTS_REPORT) as tmp:
-        tmp.write_text(results_markdown(metrics, read_json(COSINE_METRICS), read_json(TRAIN_METRICS)), encoding="utf-8")
+        report = results_markdown(
+            metrics, read_json(COSINE_METRICS), read_json(TRAIN_METRICS), read_json(HARNESS_METRICS)
+        )
+        tmp.write_text(report, encoding="utf-8")
 
 
 if __name__ == "__main__":

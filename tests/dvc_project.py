@@ -16,7 +16,8 @@ from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 STAGE_ORDER = [  # dvc.yaml's stages in order (tests/test_dvc_yaml.py checks it)
-    *("prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "plot", "package_zip"),
+    *("prepare_subset", "tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "evaluate_harness", "plot"),
+    "package_zip",
     "merge",  # after the seven: base + adapter folded into plain weights
     "export_gguf",  # and that as GGUF for llama.cpp and Ollama
 ]

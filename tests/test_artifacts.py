@@ -261,3 +261,43 @@ def test_a_short_run_logs_its_loss_at_its_last_step_and_a_single_step_run_says_s
     state.log_history, control.should_log = [{"loss": 2.0, "step": 1}], False
     callback.on_step_end(args, state, control)
     assert not control.should_log  # a loss was logged already: the logging interval decides
+
+
+def test_harness_results_become_base_fine_tuned_and_difference_per_task_and_metric():
+    from stages.evaluate_harness import figures
+
+    base = {
+        "t": {
+            "alias": "t",
+            "sample_len": 4,
+            "acc,none": 0.25,
+            "acc_stderr,none": 0.2,
+            "f1,strict": 0.5,
+            "f1_stderr,strict": "N/A",
+        }
+    }
+    tuned = {
+        "t": {
+            "alias": "t",
+            "sample_len": 4,
+            "acc,none": 0.75,
+            "acc_stderr,none": 0.25,
+            "f1,strict": 0.5,
+            "f1_stderr,strict": "N/A",
+        }
+    }
+    assert figures(base, tuned) == {
+        "t": {
+            "documents": 4,
+            "acc": {"base": 0.25, "finetuned": 0.75, "difference": 0.5, "base_stderr": 0.2, "finetuned_stderr": 0.25},
+            "f1 (strict)": {
+                "base": 0.5,
+                "finetuned": 0.5,
+                "difference": 0.0,
+                "base_stderr": None,
+                "finetuned_stderr": None,
+            },
+        }
+    }
+    with pytest.raises(PipelineError, match="harness task 't': acc is not finite"):
+        figures(base, {"t": {**tuned["t"], "acc,none": float("nan")}})

@@ -72,6 +72,7 @@ def test_chat_asks_in_the_trained_template(project):
     root, _, _ = project
     result = run(root, "lora-dvc", "chat", "--max-new-tokens", "8", "--greedy", "--prompt", "Name three colours.")
     assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
+    assert "asking in the chat format, as the adapter was trained" in result.stderr  # not the alpaca default
 
 
 def test_a_bad_conversation_is_one_line_naming_file_and_line(project):

@@ -141,7 +141,7 @@ def test_a_changed_data_file_makes_prepare_subset_stale(project):
 def test_a_changed_local_base_model_makes_exactly_its_users_stale(project):
     config = project / TINY_MODEL / "config.json"
     config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
-    assert status(project) == {"tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "merge"}
+    assert status(project) == {"tokenize", "finetune", "evaluate_ppl", "evaluate_cosine", "evaluate_harness", "merge"}
 
 
 def test_a_changed_local_embedder_makes_only_evaluate_cosine_stale(project):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.common.harness_table import harness_rows
 from stages.common.io import read_json
-from stages.common.paths import COSINE_METRICS, PERPLEXITY_METRICS
+from stages.common.paths import COSINE_METRICS, HARNESS_METRICS, PERPLEXITY_METRICS
 
 PACKAGE_PREFIX = "pkg:"  # a model file inside an installed Python package (stages/common/models.py resolves it)
 KINDS = {  # what is shipped -> (how the card's title names it, library a Hub page shows)
@@ -139,7 +140,11 @@ def load_snippet(made_with: dict[str, Any], kind: str, folder: str, title: str) 
 
 def evaluation_figures() -> dict[str, Any]:
     """This run's evaluation metrics, as every card shows them."""
-    return {"perplexity": read_json(PERPLEXITY_METRICS), "cosine": read_json(COSINE_METRICS)}
+    return {
+        "perplexity": read_json(PERPLEXITY_METRICS),
+        "cosine": read_json(COSINE_METRICS),
+        "harness": read_json(HARNESS_METRICS),
+    }
 
 
 def figures(metrics: dict[str, Any] | None) -> list[str]:
@@ -162,6 +167,9 @@ def figures(metrics: dict[str, Any] | None) -> list[str]:
         )
     runs_on = cos["runs_on_share"]
     lines.append(f"| outputs running on | {runs_on['base']:.3f} | {runs_on['finetuned']:.3f} |")
+    lines += [
+        f"| {label} | {base:.3f} | {tuned:.3f} |" for label, base, tuned in harness_rows(metrics.get("harness", {}))
+    ]
     lines += ["", f"Cosine of base vs fine-tuned answers: {cos['mean']:.3f} over {cos['prompts']} prompts."]
     return lines
 

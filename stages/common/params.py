@@ -158,10 +158,29 @@ class GenerateParams:
     embedder: str = field(metadata=model_location(EMBEDDERS_DIR))
 
 
+TASK_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class HarnessParams:
+    """lm-evaluation-harness tasks run on the base and on the fine-tune (stages/evaluate_harness.py)."""
+
+    tasks: list[str] = field(  # lm-eval task names, or the `task:` of a YAML under tasks/
+        metadata=_check(
+            lambda v: 0 < len(v) <= 64 and len(set(v)) == len(v) and all(TASK_NAME.match(t) for t in v),
+            "must be 1-64 distinct task names (letters, digits, '_', '.', '-')",
+        )
+    )
+    limit: int | None = field(metadata=between(1, 10_000_000))  # documents per task; null = all
+    num_fewshot: int | None = field(metadata=between(0, 64))  # null = each task's own default
+    batch_size: int = field(metadata=BATCH)
+
+
 @dataclass(frozen=True)
 class EvalParams:
     ppl: PerplexityParams
     generate: GenerateParams
+    harness: HarnessParams
 
 
 @dataclass(frozen=True)

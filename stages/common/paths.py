@@ -21,6 +21,8 @@ TRAIN_METRICS = LIVE_DIR / "metrics.json"  # model figures only: two runs of the
 TRAIN_REPORT = Path("reports/train_run.json")  # timings, throughput, memory, resume: a stage out, not a metric
 PERPLEXITY_METRICS = Path("metrics/perplexity.json")
 COSINE_METRICS = Path("metrics/cosine.json")
+HARNESS_METRICS = Path("metrics/harness.json")  # lm-evaluation-harness tasks, base vs fine-tuned
+TASKS_DIR = Path("tasks")  # local lm-evaluation-harness task YAMLs (a DVC dep)
 GENERATIONS_REPORT = Path("reports/generations.md")
 RESULTS_REPORT = Path("reports/results.md")
 
