@@ -17,7 +17,7 @@ import logging
 import math
 from typing import Any
 
-from stages.common.errors import PipelineError, run_stage
+from stages.common.errors import PipelineError, check_finite_figures, run_stage
 from stages.common.harness_table import harness_rows
 from stages.common.io import write_json
 from stages.common.models import load_finetuned, load_tokenizer
@@ -90,8 +90,7 @@ def figures(base: dict[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
                 continue
             name = metric if kind in ("", "none") else f"{metric} ({kind})"
             before = base[task][key]
-            if not (math.isfinite(value) and math.isfinite(before)):
-                raise PipelineError(f"harness task '{task}': {name} is not finite (base {before}, fine-tuned {value})")
+            check_finite_figures({"base": before, "fine-tuned": value}, f"harness task '{task}': {name}")
             table[task][name] = {
                 "base": before,
                 "finetuned": value,
