@@ -31,7 +31,6 @@ from stages.finetuning.graphed import graph_blocks  # noqa: E402
 from stages.finetuning.loop import TrainingData  # noqa: E402
 from stages.finetuning.model import build_model  # noqa: E402
 from stages.finetuning.packed_attention import use_for_packed_rows  # noqa: E402
-from stages.finetuning.packing import PackCollator, pack_rows  # noqa: E402
 from stages.finetuning.runtime import Runtime  # noqa: E402
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     os.chdir(sys.argv[1])
     params, runtime, data = load_params(), Runtime.detect(), TrainingData.load()
     model, _ = build_model(params, runtime)
-    shapes = BatchShapes(data, params.train.seed)
+    shapes = BatchShapes(data)
     use_for_packed_rows(model)
     graph_blocks(model, shapes.probe_batch(16, model.device), params.train.precision)  # as the stage leaves it
     base = model.get_base_model()
@@ -70,12 +69,13 @@ def main() -> None:
         return (totals[0] / totals[1]).item(), time.perf_counter() - started
 
     padded = [Collator(data.meta)(data.eval[s : s + 64]) for s in range(0, len(data.eval), 64)]
-    packs, width = pack_rows(data.eval, 16, params.train.seed)
-    packed = [PackCollator(data.meta, width, 16)(packs[s : s + 4]) for s in range(0, len(packs), 4)]
+    packs, collate = shapes.evaluation()  # rows packed to max_length tokens, as the stage packs them
+    width = collate.width
+    packed = [collate(list(packs[s : s + 4])) for s in range(0, len(packs), 4)]
     variants = {
         "padded, 64 rows a batch, classes second (before)": lambda: evaluate(padded, classes_second),
         "padded, 64 rows a batch, classes last": lambda: evaluate(padded),
-        "packed 16 to a row, 4 rows a batch (the stage now)": lambda: evaluate(packed),
+        "packed to max_length, 4 rows a batch (the stage)": lambda: evaluate(packed),
         "packed, head at labelled positions only": lambda: evaluate(packed, labelled_head=True),
     }
     tokens = sum(len(row["input_ids"]) for row in data.eval)

@@ -32,6 +32,8 @@ from stages.common.prompt import INSTRUCTION_MARKER
 from stages.common.templates import render_chat, trained_template
 
 log = logging.getLogger("pipeline")
+SUMMARY = "Talk to the fine-tuned model, or to it and the base side by side."
+REPETITION_PENALTY = 1.1  # when sampling: small models loop without it
 
 STOP = "\n" + INSTRUCTION_MARKER.split()[0] + " "  # "\n### ": the start of a new section the model may run on into
 
@@ -52,10 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--max-new-tokens", type=whole(1), default=256, help="default: %(default)s")
     sampling.add_argument("--temperature", type=positive, default=0.7, help="default: %(default)s")
     sampling.add_argument("--top-p", type=share, default=0.9, help="in (0, 1]; default: %(default)s")
-    sampling.add_argument("--repetition-penalty", type=positive, default=1.1, help="default: %(default)s")
-    sampling.add_argument("--greedy", action="store_true", help="always the likeliest token (same answer every time)")
+    sampling.add_argument(
+        "--repetition-penalty", type=positive, help=f"default: {REPETITION_PENALTY} when sampling, none with --greedy"
+    )
+    sampling.add_argument(
+        "--greedy",
+        action="store_true",
+        help="always the likeliest token, no repetition penalty: the answer the merged and GGUF exports give",
+    )
     sampling.add_argument("--seed", type=whole(0), default=0, help="sampling seed (default: %(default)s)")
     parser.set_defaults(run=run)
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """generate()'s sampling arguments. --greedy is greedy decoding itself (no penalty reshaping the likeliest
+    token), so it answers as the merged model and the GGUF export do under greedy decoding."""
+    if args.greedy:
+        if args.repetition_penalty is not None:
+            raise PipelineError("--greedy takes the likeliest token: drop --repetition-penalty, or --greedy to sample")
+        return {"do_sample": False, "repetition_penalty": 1.0}
+    penalty = REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": penalty}
 
 
 def whole(low: int) -> Any:
@@ -213,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stages.common.models import check_adapter_files, load_finetuned, load_tokenizer
 
+    sampling = sampling_options(args)  # a contradiction in the options is one line before any loading
     with adapter_folder(args.adapter) as folder:
         check_adapter_files(folder)
         settings = made_with(folder, args.base)
@@ -241,18 +261,12 @@ def run(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
         batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
-        sampling = (
-            {"do_sample": False}
-            if args.greedy
-            else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-        )
         context = model.disable_adapter() if not adapter else nullcontext()
         with context, torch.inference_mode():
             model.generate(
                 **batch,
                 **sampling,
                 max_new_tokens=args.max_new_tokens,
-                repetition_penalty=args.repetition_penalty,
                 streamer=Stream(tokenizer, skip_prompt=True, skip_special_tokens=True),
                 **({"stop_strings": [STOP], "tokenizer": tokenizer} if template == "alpaca" else {}),
                 pad_token_id=tokenizer.pad_token_id,

@@ -1,6 +1,7 @@
-"""`lora-dvc`: the pipeline's console script (declared in pyproject.toml).
+"""Use what the pipeline made: talk to a fine-tune, or compare the experiments of this commit.
 
-lora-dvc compare            # finished experiments of this commit: changed params and metrics, and their plots
+lora-dvc chat --prompt "Tell me a story about a brave warrior."
+lora-dvc compare          # finished experiments of this commit: changed params and metrics, and their plots
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from stages.common.errors import PipelineError, setup_console
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-dvc", description=__doc__.splitlines()[0])
+    texts = argparse.RawDescriptionHelpFormatter  # the descriptions' example lines stay lines
+    parser = argparse.ArgumentParser(prog="lora-dvc", description=__doc__, formatter_class=texts)
     commands = parser.add_subparsers(dest="command", required=True)
-    chat.add_arguments(commands.add_parser("chat", help=chat.__doc__.splitlines()[0], description=chat.__doc__))
-    compare.add_arguments(commands.add_parser("compare", help=compare.__doc__.splitlines()[0]))
+    for name, module in (("chat", chat), ("compare", compare)):
+        command = commands.add_parser(name, help=module.SUMMARY, description=module.__doc__, formatter_class=texts)
+        module.add_arguments(command)
     args = parser.parse_args(argv)
     setup_console(args.command)
     try:

@@ -11,6 +11,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
+SUMMARY = "Compare this commit's finished experiments: the params and metrics that differ, and their plots."
 # Dropped columns: the file hashes of every dep and out (their names hold a "/", params and metrics never do) and
 # the run's bookkeeping; what stays is the params and metrics that differ between the experiments.
 DROPPED = ".*/|Created|State|Executor"

@@ -36,7 +36,7 @@ def evaluation_precision(precision: str) -> contextlib.AbstractContextManager:
 def main() -> None:
     params = load_params()
     meta = load_meta()
-    rows = load_split("eval")
+    rows = load_split("eval", meta)
     model = load_finetuned(params.model, ADAPTER_DIR)
     batch_size = params.eval.ppl.batch_size
     with evaluation_precision(params.train.precision):

@@ -4,70 +4,152 @@
 
 Reads `data.source` (a local JSONL/JSON/Parquet file, or `hub:<dataset id>` such as `hub:tatsu-lab/alpaca`) in
 `data.format` (alpaca, messages or sharegpt; auto: the first record's; sharegpt is kept as messages);
-writes data/subset/train.jsonl and data/subset/eval.jsonl (disjoint by content, shuffled with `data.seed`) and
-source.json (the data params, which travel on with the data to the adapter's params.json and model card).
+streams it (a record at a time: the source is never held whole), and writes data/subset/train.jsonl and
+data/subset/eval.jsonl (disjoint by content, shuffled with `data.seed`; `data.train_size: all` takes every unique
+record the eval split leaves) and source.json (the data params, which travel on with the data to the adapter's
+params.json and model card).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
+import re
+import tempfile
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
+
 from stages.common.errors import PipelineError, run_stage
-from stages.common.io import atomic_path, write_json, write_jsonl
+from stages.common.io import atomic_path, write_json
 from stages.common.params import DataParams, load_params
 from stages.common.paths import SUBSET_DIR, SUBSET_SOURCE
-from stages.common.records import read_records
+from stages.common.records import iter_records
 
 log = logging.getLogger("pipeline")
 
 
-def content_key(record: dict[str, Any]) -> tuple[str, ...]:
-    """What makes two records the same example: their text (every turn's, with its role, for a conversation),
-    compared without case or spacing differences."""
+WHITESPACE = re.compile(r"\s+")  # runs of whitespace, replaced in place: str.split would hold a list of every word
+
+
+def content_key(record: dict[str, Any]) -> int:
+    """What makes two records the same example, as a 64-bit hash: their text (every turn's, with its role, for a
+    conversation), compared without case or spacing differences."""
     texts = (
         [f"{m['role']}: {m['content']}" for m in record["messages"]]
         if "messages" in record
         else [record[field] for field in ("instruction", "input", "output")]
     )
-    return tuple(" ".join(text.split()).casefold() for text in texts)
+    canonical = "\x1f".join(WHITESPACE.sub(" ", text).strip().casefold() for text in texts)
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def unique_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The first of each group of records with the same content, in file order; a duplicate could otherwise land
-    in train and eval both, and the held-out figures would score memorised rows."""
-    seen: set[tuple[str, ...]] = set()
-    unique = [r for r in records if not (content_key(r) in seen or seen.add(content_key(r)))]
-    if len(unique) < len(records):
-        log.info("removed %d duplicate records (the same text throughout)", len(records) - len(unique))
-    return unique
+class RecordPool:
+    """The source's records spilled to an unnamed temporary file as the JSON lines the subset files hold; in memory
+    only each record's offset and content hash, 16 bytes a record (a million records: 16 MB)."""
+
+    def __init__(self, directory: Path | None = None):
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.offsets = array("q")
+        self.keys = array("Q")
+
+    def __enter__(self) -> RecordPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.offsets.append(self.file.tell())
+        self.keys.append(content_key(record))
+        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def unique(self) -> np.ndarray:
+        """Positions of the first of each group of records with the same content, in source order. A duplicate could
+        otherwise land in train and eval both, and the held-out figures would score memorised rows."""
+        _, first = np.unique(np.frombuffer(self.keys, dtype=np.uint64), return_index=True)
+        first.sort()
+        if len(first) < len(self.keys):
+            log.info("removed %d duplicate records (the same text throughout)", len(self.keys) - len(first))
+        return first
+
+    def line(self, index: int) -> bytes:
+        self.file.seek(self.offsets[index])
+        return self.file.readline()
 
 
-def split_records(records: list[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
-    """Shuffle the unique records with the seed, then take train first and eval right after: no example (by content)
-    is in both."""
-    records = unique_records(records)
-    wanted = params.train_size + params.eval_size
-    if wanted > len(records):
+def shuffled(count: int, seed: int) -> array:
+    """0..count-1 in the order `random.Random(seed).shuffle` puts a list of them (the same Fisher-Yates draws), kept
+    in an array of 8-byte integers rather than a list of Python ints (a million: 8 MB, not 36)."""
+    order = array("q", range(count))
+    below = random.Random(seed)._randbelow  # what Random.shuffle draws with
+    for i in reversed(range(1, count)):
+        j = below(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def subset_sizes(unique: int, params: DataParams, source: str) -> tuple[int, int]:
+    """(train, eval) record counts; `all` takes every unique record the other split leaves."""
+    train = unique - params.eval_size if params.train_size == "all" else params.train_size
+    held_out = unique - train if params.eval_size == "all" else params.eval_size
+    if params.train_size == "all" or params.eval_size == "all":
+        for key, size in (("train_size", train), ("eval_size", held_out)):
+            if size < 1:
+                raise PipelineError(
+                    f"data.{key} all leaves {size} records: '{source}' has {unique} unique records, "
+                    f"data.train_size {params.train_size}, data.eval_size {params.eval_size}"
+                )
+    elif train + held_out > unique:
         raise PipelineError(
-            f"data.train_size + data.eval_size = {params.train_size} + {params.eval_size} = {wanted} "
-            f"is more than the {len(records)} unique records in '{params.source}'"
+            f"data.train_size + data.eval_size = {train} + {held_out} = {train + held_out} "
+            f"is more than the {unique} unique records in '{source}'"
         )
-    order = list(range(len(records)))
-    random.Random(params.seed).shuffle(order)
-    train = [records[i] for i in order[: params.train_size]]
-    held_out = [records[i] for i in order[params.train_size : wanted]]
     return train, held_out
+
+
+def subset_order(unique: int, params: DataParams, source: str) -> tuple[array, array]:
+    """Positions among the unique records, shuffled with the seed: train first, eval right after (no example, by
+    content, in both). A pure function of the number of unique records and the data params."""
+    train, held_out = subset_sizes(unique, params, source)
+    order = shuffled(unique, params.seed)
+    return order[:train], order[train : train + held_out]
+
+
+def split_records(records: Iterable[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records of `records`, as prepare_subset draws them."""
+    with RecordPool() as pool:
+        for record in records:
+            pool.add(record)
+        unique = pool.unique()
+        train, held_out = subset_order(len(unique), params, params.source)
+        return [json.loads(pool.line(unique[i])) for i in train], [json.loads(pool.line(unique[i])) for i in held_out]
+
+
+def write_lines(path: Path, pool: RecordPool, unique: np.ndarray, order: array) -> None:
+    with path.open("wb") as out:
+        for position in order:
+            out.write(pool.line(int(unique[position])))
 
 
 def main() -> None:
     params = load_params()
-    records = read_records(params.data.source, params.data.split, params.data.revision, params.data.format)
-    train, held_out = split_records(records, params.data)
-    with atomic_path(SUBSET_DIR, directory=True) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "eval.jsonl", held_out)
+    data = params.data
+    with atomic_path(SUBSET_DIR, directory=True) as tmp, RecordPool(tmp) as pool:
+        for record in tqdm(
+            iter_records(data.source, data.split, data.revision, data.format), desc="read", unit=" records"
+        ):
+            pool.add(record)
+        unique = pool.unique()
+        train, held_out = subset_order(len(unique), data, data.source)
+        write_lines(tmp / "train.jsonl", pool, unique, train)
+        write_lines(tmp / "eval.jsonl", pool, unique, held_out)
         write_json(tmp / SUBSET_SOURCE.name, params.sections("data")["data"])
     log.info("%d train / %d eval records -> %s", len(train), len(held_out), SUBSET_DIR)
 

@@ -77,3 +77,24 @@ def load_yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def store_split(rows: list[dict], path: Path, loss_mask: str = "completion"):
+    """`rows` ({input_ids, answer_spans, ...}) written as tokenize writes a split, and read back memory-mapped."""
+    from stages.common.tokenized import RowBatch, SplitWriter, TokenizedSplit
+
+    writer = SplitWriter(path)
+    for start in range(0, len(rows), 1000):  # more than a thousand rows: several batches, as tokenize writes them
+        writer.write(RowBatch.of([(r["input_ids"], r["answer_spans"]) for r in rows[start : start + 1000]]))
+    writer.close()
+    return TokenizedSplit.open(path, loss_mask)
+
+
+def stored_training_data(directory: Path, meta, train: list[dict], held_out: list[dict]):
+    """TrainingData as finetune loads it, from rows written to `directory`."""
+    from stages.finetuning.loop import TrainingData
+
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = {name: store_split(rows, directory / f"{name}.arrow", meta.loss_mask) for name, rows in
+              (("train", train), ("eval", held_out))}  # fmt: skip
+    return TrainingData(meta, splits["train"], splits["eval"], directory)

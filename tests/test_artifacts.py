@@ -194,7 +194,7 @@ def test_a_long_reference_answer_is_shortened_in_the_tracked_report():
 
 def test_a_data_file_or_model_file_linked_from_outside_the_repository_is_one_line(tmp_path, monkeypatch):
     from stages.common.models import resolve_model
-    from stages.common.records import read_records
+    from stages.common.records import iter_records
 
     outside, repo = tmp_path / "outside", tmp_path / "repo"
     outside.mkdir()
@@ -204,7 +204,7 @@ def test_a_data_file_or_model_file_linked_from_outside_the_repository_is_one_lin
     monkeypatch.chdir(repo)
     (repo / "data/raw/mine.jsonl").symlink_to(outside / "secret.jsonl")
     with pytest.raises(PipelineError, match=r"data.source 'data/raw/mine.jsonl': .* links outside the repository"):
-        read_records("data/raw/mine.jsonl")
+        list(iter_records("data/raw/mine.jsonl"))
     (repo / "models/base/mine/config.json").write_text("{}")
     assert resolve_model("models/base/mine").path == "models/base/mine"  # inside: fine
     (repo / "models/base/mine/model.safetensors").symlink_to(outside / "secret.jsonl")

@@ -4,6 +4,7 @@ once broke every eager row) would otherwise show only there."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -44,7 +45,10 @@ def test_every_row_of_the_part_has_valid_params(part, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", [*sorted(BENCH.EXECUTIONS), *(f"{n}@bf16" for n in sorted(BENCH.EXECUTIONS))])
 def test_every_wholerun_execution_has_valid_params(name, tmp_path):
     pipe = BENCH.Pipeline(tmp_path / "pipeline", tmp_path / "random-phi2", smoke=False, profile={})
-    parse_params(pipe.params(BENCH.execution(name)), f"wholerun lever {name!r}")
+    levers = BENCH.execution(name)
+    params = parse_params(pipe.params(levers), f"wholerun lever {name!r}")
+    for dotted, value in levers.items():  # each lever reaches the params the stage reads
+        assert functools.reduce(getattr, dotted.split("."), params) == value, dotted
 
 
 def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_peer():

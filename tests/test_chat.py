@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from lora_dvc.chat import Conversation, Printer
+from stages.common.errors import PipelineError
 from stages.common.prompt import format_prompt
 
 
@@ -64,3 +67,36 @@ def test_reset_forgets_the_conversation_the_model_is_asked_with(tokenizer):
     assert len(sent) == 3 and "Name a colour." in sent[1]  # the second message goes with the first turn
     assert sent[2] == format_prompt("Hello")  # after /reset: the new message alone
     assert next(typed) == "never read"  # /exit ended it
+
+
+def test_greedy_is_greedy_decoding_without_a_repetition_penalty():
+    """`--greedy` gives the answer the merged model and the GGUF give under greedy decoding: no penalty."""
+    import argparse
+
+    from lora_dvc.chat import add_arguments, sampling_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert sampling_options(parser.parse_args(["--greedy"])) == {"do_sample": False, "repetition_penalty": 1.0}
+    sampled = sampling_options(parser.parse_args(["--temperature", "0.5"]))
+    assert sampled == {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.1}
+    with pytest.raises(PipelineError, match="--greedy takes the likeliest token: drop --repetition-penalty"):
+        sampling_options(parser.parse_args(["--greedy", "--repetition-penalty", "1.3"]))
+
+
+def test_help_texts_read_as_written():
+    """`lora-dvc --help` gives each command's whole one-sentence summary; a command's help keeps its examples."""
+    import contextlib
+
+    from lora_dvc import chat, cli, compare
+
+    def help_of(*argv: str) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            cli.main([*argv, "--help"])
+        return " ".join(out.getvalue().split()) if not argv else out.getvalue()
+
+    summary = help_of()
+    assert chat.SUMMARY in summary and compare.SUMMARY in summary
+    assert chat.SUMMARY.endswith(".") and compare.SUMMARY.endswith(".")
+    assert "\n    lora-dvc chat --compare                       # a conversation;" in help_of("chat")

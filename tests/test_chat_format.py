@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+from stages.common.tokenized import TokenizedSplit
 from tests.dvc_project import ALL_STAGES, copy_project, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def test_auto_trains_and_judges_in_the_bases_chat_template(project, tokenizer):
     root, _, _ = project
     assert json.loads((root / "data/tokenized/meta.json").read_text())["template"] == "chat"
     assert json.loads((root / "models/adapter/params.json").read_text())["tokenize"]["template"] == "chat"
-    row = jsonl(root / "data/tokenized/train.jsonl")[0]
+    row = TokenizedSplit.open(root / "data/tokenized/train.arrow", "completion")[0]
     assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>system\n")
     [[start, end]] = row["answer_spans"]
     assert tokenizer.decode(row["input_ids"][:start]).endswith("<|im_start|>assistant\n")

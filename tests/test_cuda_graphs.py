@@ -73,7 +73,7 @@ def phi_batch(packed: bool, generator: torch.Generator) -> dict:
         ids = torch.randint(1, 128, (length,), generator=generator).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
     meta = TokenizedMeta(0, 16, "completion", "packed" if packed else "max_length", "alpaca")
-    collated = PackCollator(meta, 48, 4)([rows]) if packed else Collator(meta)(rows)
+    collated = PackCollator(meta, 48, slots=5)([rows]) if packed else Collator(meta)(rows)  # 4 examples + padding
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
 
 

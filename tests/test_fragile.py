@@ -46,3 +46,25 @@ def test_static_address_marking_exists():
     assert getattr(tensor, "_dynamo_static_input_type", None) is None
     mark_static_address(tensor)  # fails if torch drops or renames the private API
     assert tensor._dynamo_static_input_type == "unguarded"  # what dynamo reads to keep the address out of the graph
+
+
+def test_library_notices_no_user_can_act_on_are_dropped_and_nothing_else(caplog):
+    import logging
+
+    from stages.common.errors import setup_console
+    from stages.common.gguf_converter import shown
+
+    setup_console("test")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: offline. Please make sure ..."
+    )
+    logging.getLogger("kernels._internals.hf_hub").warning(
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because ..."
+    )
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a notice of another kind")
+    err = caplog.text
+    assert "gemm_4bit_forward" not in err and "publisher trust" not in err and "a notice of another kind" in err
+    assert not shown("INFO:hf-to-gguf:blk.0.attn_q.weight, torch.float16 --> F16, shape = {64, 64}\n")
+    assert not shown("WARNING:hf-to-gguf:Unknown RoPE type: default\n")
+    assert shown("WARNING:hf-to-gguf:Unknown RoPE type: dynamic-ntk\n")
+    assert shown("INFO:hf-to-gguf:Model successfully exported to models/gguf/model.gguf\n")

@@ -24,9 +24,12 @@ def test_a_non_finite_logged_loss_stops_training(key, value):
         finite_loss_callback().on_log(None, state, None, logs={key: value})
 
 
-def test_finite_losses_pass():
+def test_a_non_finite_gradient_norm_is_not_a_divergence():
+    """Under fp16 loss scaling a step whose gradients overflowed logs grad_norm inf and is skipped while the scale
+    drops: the run goes on as long as the losses are finite."""
     state = type("State", (), {"global_step": 7})()
-    finite_loss_callback().on_log(None, state, None, logs={"loss": 2.3, "eval_loss": 2.1, "learning_rate": 0.0})
+    logs = {"loss": 2.3, "eval_loss": 2.1, "grad_norm": math.inf, "learning_rate": 0.0}
+    assert finite_loss_callback().on_log(None, state, None, logs=logs) is None
 
 
 def test_trained_weights_must_be_finite_frozen_ones_are_not_checked():

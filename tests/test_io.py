@@ -29,18 +29,63 @@ def test_folder_output_is_replaced_whole(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new.txt"]
 
 
+def _ended_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_a_killed_runs_temporary_files_are_removed_by_the_next_write(tmp_path):
-    target = tmp_path / "adapter.zip"
-    (tmp_path / ".adapter.zip.abc123_x.tmp").write_bytes(b"half a zip")  # what a SIGKILL mid-write leaves
-    (tmp_path / ".adapter.zip.kq1z_8pm.tmp").mkdir()
-    (tmp_path / ".other.zip.abc123_x.tmp").write_text("not ours")
-    (tmp_path / ".adapter.abc123_x.tmp").write_text("the adapter folder's, not the zip's")
+    import os
+
+    target, dead, alive = tmp_path / "adapter.zip", _ended_pid(), os.getpid()
+    (tmp_path / f".adapter.zip.{dead}-abc123_x.tmp").write_bytes(b"half a zip")  # what a SIGKILL mid-write leaves
+    (tmp_path / f".adapter.zip.{dead}-kq1z_8pm.tmp").mkdir()
+    (tmp_path / f".adapter.zip.{alive}-kq1z_8pm.tmp").mkdir()  # a writer still running: not touched
+    (tmp_path / f".other.zip.{dead}-abc123_x.tmp").write_text("not ours")
+    (tmp_path / f".adapter.{dead}-abc123_x.tmp").write_text("the adapter folder's, not the zip's")
     write_json(target, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".adapter.abc123_x.tmp",
-        ".other.zip.abc123_x.tmp",
-        "adapter.zip",
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            f".adapter.zip.{alive}-kq1z_8pm.tmp",
+            f".adapter.{dead}-abc123_x.tmp",
+            f".other.zip.{dead}-abc123_x.tmp",
+            "adapter.zip",
+        ]
+    )
+
+
+def test_any_stage_clears_what_a_killed_stage_left_and_git_ignores_it_meanwhile(tmp_path):
+    """A stage killed under `dvc repro` may never run again (DVC restores its outputs from the run cache), so every
+    stage removes any out's temporary whose writer is gone, before it reads its params."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    dead = _ended_pid()
+    leftovers = [
+        tmp_path / f"models/.adapter.{dead}-abc123_x.tmp",
+        tmp_path / f"dvclive/plots/.metrics.{dead}-abc123_x.tmp",
     ]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    kept = tmp_path / f"models/.adapter.zip.{os.getpid()}-abc123_x.tmp"
+    kept.write_text("a live writer's")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"models/.adapter.{dead}-abc123_x.tmp"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0  # git status stays clean while one is there
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.plot"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 2 and "params.yaml" in done.stderr  # no params here: the stage stops right after
+    assert not any(leftover.exists() for leftover in leftovers) and kept.exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

@@ -285,3 +285,13 @@ def test_a_yaml_1_1_form_dvc_reads_as_text_is_refused_in_one_line(tmp_path, key,
     path.write_text(yaml.safe_dump(raw, sort_keys=False).replace("PLACEHOLDER", written))
     with pytest.raises(PipelineError, match=rf"^{path}: {key} must be .*, got '{written}'$"):
         load_params(path)
+
+
+def test_a_split_size_may_be_all_but_not_both():
+    default = load_yaml(REPO / "params.yaml")
+    assert parse_params(with_overrides(default, {"data.train_size": "all"})).data.train_size == "all"
+    assert parse_params(with_overrides(default, {"data.eval_size": "all"})).data.eval_size == "all"
+    with pytest.raises(PipelineError, match=r"data.train_size and data.eval_size cannot both be all"):
+        parse_params(with_overrides(default, {"data.train_size": "all", "data.eval_size": "all"}))
+    with pytest.raises(PipelineError, match=r"data.train_size must be int or one of 'all', got 'every'"):
+        parse_params(with_overrides(default, {"data.train_size": "every"}))

@@ -15,7 +15,7 @@ import pytest
 from stages.common.params import ModelParams, parse_params, with_overrides
 from stages.common.perplexity import perplexities
 from stages.common.tokenized import TokenizedMeta, tokenize_record
-from tests.conftest import REPO, load_yaml
+from tests.conftest import REPO, load_yaml, stored_training_data
 
 # Stored from the runs below (CPU, torch 2.13, transformers 5.24); rel. tolerance covers CPU kernel differences.
 PINNED_TRAIN_LOSSES = [10.81640625, 10.812183380126953, 10.771690368652344, 10.753482818603516]
@@ -51,7 +51,7 @@ def report(name, value):
 
 
 def test_the_loss_of_a_tiny_seeded_run_is_pinned(tiny_model_dir, tokenizer, records, tmp_path, monkeypatch):
-    from stages.finetuning.loop import TrainingData, fit
+    from stages.finetuning.loop import fit
     from stages.finetuning.model import build_model
     from stages.finetuning.runtime import Runtime
 
@@ -62,7 +62,7 @@ def test_the_loss_of_a_tiny_seeded_run_is_pinned(tiny_model_dir, tokenizer, reco
     meta = TokenizedMeta(tokenizer.pad_token_id, 64, "completion", "longest", "alpaca")
     runtime = Runtime(rank=0, local_rank=0, world_size=1, cuda=False)
     model, _ = build_model(params, runtime)
-    result = fit(model, TrainingData(meta, rows[:8] * 2, rows[8:]), params, runtime)
+    result = fit(model, stored_training_data(tmp_path / "tokenized", meta, rows[:8] * 2, rows[8:]), params, runtime)
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     eval_loss = [entry["eval_loss"] for entry in result.log_history if "eval_loss" in entry][-1]
     report("PINNED_TRAIN_LOSSES", losses)

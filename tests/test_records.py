@@ -1,11 +1,16 @@
 import json
+import random
 
 import pytest
 
 from stages.common.errors import PipelineError
 from stages.common.params import DataParams
-from stages.common.records import read_records
+from stages.common.records import iter_records
 from stages.prepare_subset import content_key, split_records
+
+
+def read_records(*args, **kwargs):
+    return list(iter_records(*args, **kwargs))
 
 
 def write_lines(path, lines):
@@ -79,9 +84,15 @@ def test_a_bad_conversation_names_file_line_and_turn(tmp_path, turns, message):
 
 def test_auto_takes_the_first_records_format_and_holds_the_rest_to_it(tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", [json.dumps({"messages": CONVERSATION}), GOOD])
-    with pytest.raises(PipelineError, match=r"mixed.jsonl:2: not in the messages format .*set data.format: alpaca"):
+    with pytest.raises(PipelineError) as err:  # auto: no suggestion to set what is already set
         read_records(str(path))
-    with pytest.raises(PipelineError, match=r"mixed.jsonl:1: not in the sharegpt format"):
+    assert str(err.value) == (
+        f"{path}:2: not in the messages format of the first record ({path}:1; it has 'instruction', as alpaca "
+        "records do); every record of a file must be in one format: convert it, or split the file"
+    )
+    with pytest.raises(
+        PipelineError, match=r"mixed.jsonl:1: not in the sharegpt format .*set data.format: messages, or auto"
+    ):
         read_records(str(path), fmt="sharegpt")
 
 
@@ -161,3 +172,31 @@ def test_conversations_differing_only_in_case_and_spacing_are_one_example():
     assert content_key({"messages": CONVERSATION}) == content_key({"messages": other})
     reordered = [CONVERSATION[0], CONVERSATION[3], CONVERSATION[2], CONVERSATION[1], CONVERSATION[4]]
     assert content_key({"messages": CONVERSATION}) != content_key({"messages": reordered})
+
+
+def test_the_subset_order_is_the_shuffle_of_earlier_versions_in_an_array():
+    """The order is kept in an 8-byte array (a million records: 8 MB, not a list's 36) but drawn exactly as
+    random.Random(seed).shuffle draws it, so a subset drawn before is drawn again."""
+    from stages.prepare_subset import shuffled
+
+    for count, seed in [(0, 1), (1, 1), (175, 42), (1000, 7)]:
+        expected = list(range(count))
+        random.Random(seed).shuffle(expected)
+        assert list(shuffled(count, seed)) == expected
+
+
+def test_train_size_all_takes_every_unique_record_the_eval_split_leaves(records):
+    train, held_out = split_records(records + records[:2], DataParams("x", "auto", None, "train", "all", 3, seed=0))
+    assert (len(train), len(held_out)) == (len(records) - 3, 3)
+    with pytest.raises(PipelineError, match=r"data.train_size all leaves 0 records: 'x' has 12 unique records"):
+        split_records(records, DataParams("x", "auto", None, "train", "all", 12, seed=0))
+
+
+def test_a_json_list_is_read_a_record_at_a_time_and_a_record_larger_than_a_read_still_parses(tmp_path):
+    big = {"instruction": "Repeat.", "input": "", "output": "word " * 600_000}  # 3 MB: several reads of 1 MB
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"instruction": "A.", "output": "B."}, big, {"instruction": "C.", "output": "D."}]))
+    assert [r["instruction"] for r in read_records(str(path))] == ["A.", "Repeat.", "C."]
+    path.write_text('[{"instruction": "A.", "output": "B."} {"instruction": "C.", "output": "D."}]')
+    with pytest.raises(PipelineError, match=r"rows.json: record 2: malformed JSON \(expected ',' or '\]'"):
+        read_records(str(path))

@@ -2,8 +2,7 @@ import pytest
 
 from stages.common.params import TokenizeParams
 from stages.common.prompt import RESPONSE_MARKER, format_prompt
-from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
-from stages.tokenize import tokenize_record
+from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta, TokenizedSplit, tokenize_record
 
 RECORD = {"instruction": "Name a primary colour.", "input": "", "output": "Red."}
 
@@ -73,13 +72,21 @@ def test_rows_without_an_answer_token_are_counted_and_dropped_under_completion(t
 
     long_prompt = {**RECORD, "instruction": "Explain " * 60}
     path = subset_file(tmp_path, [RECORD, long_prompt, RECORD])
+    out = tmp_path / "train.arrow"
     with caplog.at_level("WARNING", logger="pipeline"):
-        rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "alpaca", "completion", "longest"), "alpaca")
-    assert counts == {"rows_read": 3, "rows_cut_at_max_length": 1, "rows_without_answer": 1, "rows": 2}
-    assert all(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
+        counts = tokenize_file(path, out, tokenizer, TokenizeParams(32, "alpaca", "completion", "longest"), "alpaca")
+    rows = list(TokenizedSplit.open(out, "completion"))
+    assert counts == {
+        "rows_read": 3,
+        "rows_cut_at_max_length": 1,
+        "rows_without_answer": 1,
+        "rows": 2,
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+    }
+    assert len(rows) == 2 and all(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
     assert "1 of 3 rows have no answer token left" in caplog.text
-    rows, counts = tokenize_file(path, tokenizer, TokenizeParams(32, "alpaca", "full", "longest"), "alpaca")
-    assert (len(rows), counts["rows_without_answer"]) == (3, 1)  # full trains on the prompt too: kept
+    counts = tokenize_file(path, out, tokenizer, TokenizeParams(32, "alpaca", "full", "longest"), "alpaca")
+    assert (len(TokenizedSplit.open(out, "full")), counts["rows_without_answer"]) == (3, 1)  # full keeps them
 
 
 def test_no_row_with_an_answer_left_is_an_error(tmp_path, tokenizer):
@@ -88,4 +95,43 @@ def test_no_row_with_an_answer_left_is_an_error(tmp_path, tokenizer):
 
     path = subset_file(tmp_path, [{**RECORD, "instruction": "Explain " * 60}])
     with pytest.raises(PipelineError, match=r"train.jsonl: none of its 1 rows has an answer token within"):
-        tokenize_file(path, tokenizer, TokenizeParams(16, "alpaca", "completion", "longest"), "alpaca")
+        tokenize_file(
+            path, tmp_path / "out.arrow", tokenizer, TokenizeParams(16, "alpaca", "completion", "longest"), "alpaca"
+        )
+
+
+def test_tokenizing_on_several_processes_writes_the_same_file_and_names_a_bad_line(tmp_path, tokenizer, records):
+    import json
+
+    from stages.common.errors import PipelineError
+    from stages.tokenize import tokenize_file
+
+    params = TokenizeParams(64, "alpaca", "full", "longest")  # full: every row kept, row i is line i + 1
+    lines = [json.dumps({**records[i % len(records)], "output": f"Answer {i}."}) for i in range(5500)]  # 6 batches
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    one, two = tmp_path / "one.arrow", tmp_path / "two.arrow"
+    counts = tokenize_file(path, one, tokenizer, params, "alpaca", workers=1)
+    assert tokenize_file(path, two, tokenizer, params, "alpaca", workers=2) == counts
+    assert one.read_bytes() == two.read_bytes() and counts["rows_read"] == 5500
+    split = TokenizedSplit.open(two, "full")
+    assert len(split) == 5500 and split[1700] == tokenize_record(json.loads(lines[1700]), tokenizer, params, "alpaca")
+    lines[1799] = '{"instruction": "x"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PipelineError, match=r"train.jsonl:1800: missing field 'output'"):
+        tokenize_file(path, two, tokenizer, params, "alpaca", workers=2)
+
+
+def test_a_huge_answer_gives_the_row_its_whole_text_would(tokenizer):
+    """Pieces are cut to a character budget before encoding (a 100 MB answer costs no more than a short one); the
+    row is the one the whole text gives, cut at max_length."""
+    from stages.common.prompt import format_prompt
+    from stages.common.tokenized import longest_token
+
+    params = TokenizeParams(32, "alpaca", "full", "longest")
+    answer = "Rivers:" + "ĊĠ####################" * 3 + " water flows down" * 20_000  # long tokens first
+    row = tokenize_record({**RECORD, "output": answer}, tokenizer, params, "alpaca")
+    prompt = tokenizer(format_prompt(RECORD["instruction"]))["input_ids"]
+    whole = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(answer) > 10 * (params.max_length + 1) * longest_token(tokenizer)  # the cut is in play
+    assert row["input_ids"] == whole[: params.max_length]

@@ -33,10 +33,7 @@ def test_eval_loss_is_token_weighted_over_the_whole_split(evaluation):
     trainer = TokenWeightedTrainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta))
     assert trainer.evaluate()["eval_loss"] == pytest.approx(whole, rel=1e-5)
     assert [e["eval_loss"] for e in trainer.state.log_history] == [pytest.approx(whole, rel=1e-5)]  # for the curves
-
-
-def test_the_stock_trainer_figure_moves_with_the_batch_size(evaluation):
-    model, rows, meta, args, whole = evaluation
+    # these rows tell the two apart: the stock evaluation (a mean of batch means) would fail the check above
     stock = Trainer(model=model, args=args, eval_dataset=rows, data_collator=Collator(meta)).evaluate()["eval_loss"]
     assert stock != pytest.approx(whole, rel=1e-3)
 
@@ -74,3 +71,26 @@ def test_evaluation_runs_eagerly_even_on_a_compiled_model(evaluation, monkeypatc
 def test_every_process_runs_as_many_eval_passes_as_the_fullest_share(rows, processes, batch):
     shares = [len(range(rows)[rank::processes]) for rank in range(processes)]
     assert eval_passes(rows, processes, batch) == max(-(-share // batch) for share in shares)
+
+
+def test_length_grouped_batches_come_from_the_stored_lengths_as_the_stock_sampler_would_measure_them(tmp_path):
+    """The sampler reads no row (a million rows: a minute of Python) yet groups exactly as the stock one does."""
+    import random
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from tests.conftest import store_split
+
+    rng = random.Random(3)
+    rows = [{"input_ids": [5] * rng.randint(3, 200), "answer_spans": [[1, 2]]} for _ in range(300)]
+    split = store_split(rows, tmp_path / "train.arrow")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, use_cpu=True,
+        train_sampling_strategy="group_by_length", report_to="none",
+    )  # fmt: skip
+    trainer = TokenWeightedTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=split)
+    torch.manual_seed(0)
+    ours = list(trainer._get_train_sampler())
+    torch.manual_seed(0)
+    stock = list(LengthGroupedSampler(8, dataset=[{"input_ids": r["input_ids"]} for r in rows]))
+    assert ours == stock and sorted(ours) == list(range(300))

@@ -51,6 +51,18 @@ def setup_console(name: str) -> None:
     # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning on every
     # run that no user can act on (tests/test_e2e_dvc.py checks a whole run prints no warning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    for logger, start in UNACTIONABLE_NOTICES:
+        logging.getLogger(logger).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
+# Library log lines that read like errors and that no user can act on, each dropped by its logger and opening words.
+# bitsandbytes (the test extra), imported on a CPU with AVX-512 BF16, fetches a 4-bit CPU kernel from the hub
+# (kernels-community/quantization-bitsandbytes) for every model load; offline the fetch logs both lines below and
+# bitsandbytes keeps its own kernel, and no stage computes in 4-bit on a CPU.
+UNACTIONABLE_NOTICES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"),
+)
 
 
 PARAMS_FILE = Path("params.yaml")
@@ -71,6 +83,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     started = time.perf_counter()
     params_at_start = _params_bytes()
     try:
+        from stages.common.io import remove_stale_temporaries  # io needs this module's PipelineError
+
+        remove_stale_temporaries()
         main()
         if _params_bytes() != params_at_start:
             raise PipelineError(

@@ -66,6 +66,13 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def shown(line: str) -> bool:
+    """Whether a line of the converter's log reaches the console: not the one per tensor ("blk.0.attn_q.weight,
+    torch.float16 --> F16"), nor "Unknown RoPE type: default", which it logs for transformers 5's explicit
+    `rope_type: default` while writing what that means, no RoPE scaling."""
+    return " --> " not in line and "Unknown RoPE type: default" not in line
+
+
 def convert(model_dir: Path, outfile: Path, gguf_type: str, name: str) -> None:
     """Write `model_dir` (a transformers folder) as one GGUF file; the converter's progress shows as it runs."""
     folder = ensure_converter()
@@ -76,9 +83,9 @@ def convert(model_dir: Path, outfile: Path, gguf_type: str, name: str) -> None:
     log.info("converting %s to GGUF %s ...", model_dir, gguf_type)
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     tail: list[str] = []
-    for raw in process.stderr:  # one line per tensor ("blk.0.attn_q.weight, torch.float16 --> F16") is left out
+    for raw in process.stderr:
         line = raw.decode(errors="replace")
-        if " --> " not in line:
+        if shown(line):
             sys.stderr.write(line)
             sys.stderr.flush()
         tail = [*tail[-19:], line] if line.strip() else tail

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -31,11 +32,38 @@ def _umask() -> int:
     return current
 
 
+# A temporary sibling of an out: `.<name>.<pid of the writing process>-<8 random characters>.tmp`
+TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp")
+
+
+def _writer_gone(match: re.Match) -> bool:
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    return False
+
+
 def remove_leftovers(target: Path) -> None:
     """Temporary siblings of `target` left by an earlier run that was killed before it could clean up."""
-    for leftover in target.parent.glob(f".{target.name}.{'?' * 8}.tmp"):  # tempfile's 8 random characters
-        log.info("removing %s, left by an interrupted run", leftover)
-        _remove(leftover)
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        match = TEMPORARY.fullmatch(leftover.name)
+        if match and match["target"] == target.name and _writer_gone(match):
+            log.info("removing %s, left by an interrupted run", leftover)
+            _remove(leftover)
+
+
+def remove_stale_temporaries(root: Path = Path(".")) -> None:
+    """Every out's temporary sibling whose writer is gone, one or two folders down (models/.adapter...,
+    dvclive/plots/...): a stage killed under `dvc repro` may never run again to clean its own (DVC restores its
+    outputs from the run cache instead), so every stage clears what any killed stage left. Git ignores them."""
+    for leftover in [*root.glob("*/.*.tmp"), *root.glob("*/*/.*.tmp")]:
+        match = TEMPORARY.fullmatch(leftover.name)
+        if match and _writer_gone(match):
+            log.info("removing %s, left by an interrupted run", leftover)
+            _remove(leftover)
 
 
 def _follow_umask(path: Path, directory: bool) -> None:
@@ -52,10 +80,11 @@ def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
+    prefix = f".{target.name}.{os.getpid()}-"  # the writer's pid: a leftover is removed only once it is gone
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
     try:
@@ -94,19 +123,32 @@ def read_json(path: Path | str) -> Any:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object) for each non-blank line; a bad line is an error naming file:line."""
+    for number, raw in jsonl_lines(path):
+        value = parse_jsonl_line(raw, f"{path}:{number}")
+        if value is not BLANK:
+            yield number, value
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of each line, unparsed: for readers that parse elsewhere (tokenize's workers)."""
     try:
         handle = path.open("rb")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found") from None
     with handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise PipelineError(f"{path}:{number}: not UTF-8 text") from None
-            if not text.strip():
-                continue
-            yield number, parse_json(text, f"{path}:{number}")
+        yield from enumerate(handle, start=1)
+
+
+BLANK = object()  # what parse_jsonl_line gives for a blank line (a JSON null is None)
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> Any:
+    """One JSONL line's value (BLANK for a blank line), or one line naming `where`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PipelineError(f"{where}: not UTF-8 text") from None
+    return parse_json(text, where) if text.strip() else BLANK
 
 
 def parse_json(text: str, where: str, multiline: bool = False) -> Any:
@@ -121,6 +163,11 @@ def parse_json(text: str, where: str, multiline: bool = False) -> Any:
         raise PipelineError(f"{where}: JSON nested too deeply") from None
     except ValueError as err:  # e.g. an integer past int's digit limit
         raise PipelineError(f"{where}: unreadable JSON value ({str(err).splitlines()[0]})") from None
+    return check_json_value(value, where)
+
+
+def check_json_value(value: Any, where: str) -> Any:
+    """`value`, or one line naming `where` when it cannot be written back as UTF-8 JSON (a lone surrogate)."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

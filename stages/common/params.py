@@ -91,8 +91,8 @@ class DataParams:
     format: Literal["auto", "alpaca", "messages", "sharegpt"]  # stages/common/records.py
     revision: str | None
     split: str = field(metadata=NOT_EMPTY)
-    train_size: int = field(metadata=between(1, 10_000_000))
-    eval_size: int = field(metadata=between(1, 10_000_000))
+    train_size: int | Literal["all"] = field(metadata=between(1, 100_000_000))  # all: what eval leaves
+    eval_size: int | Literal["all"] = field(metadata=between(1, 100_000_000))
     seed: int = field(metadata=SEED)
 
 
@@ -296,7 +296,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if not _type_ok(value, hint):
             problems.append(f"{key} must be {_describe(hint)}, got {value!r}")
             continue
-        if "check" in fld.metadata and value not in (None, "auto"):
+        if "check" in fld.metadata and value not in (None, "auto", "all"):
             predicate, message = fld.metadata["check"]
             if not predicate(value):
                 problems.append(f"{key} {message}, got {value!r}")
@@ -316,6 +316,8 @@ def _cross_field_problems(params: Params) -> list[str]:
             f"train.effective_batch_size ({train.effective_batch_size}) must be a multiple of train.micro_batch_size"
             f" x train.processes ({train.micro_batch_size} x {train.processes})"
         )
+    if params.data.train_size == params.data.eval_size == "all":
+        problems.append("data.train_size and data.eval_size cannot both be all: give one of them a number")
     padding = params.tokenize.padding
     eager_blocks_graphed = train.cuda_graphs and not train.compile  # stages/finetuning/graphed.py
     if eager_blocks_graphed and padding == "longest":

@@ -12,12 +12,15 @@ turn: every assistant turn is an answer to train on."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from stages.common.errors import PipelineError
-from stages.common.io import parse_json, read_jsonl
+from stages.common.io import check_json_value, read_jsonl
 from stages.common.paths import inside_repository
 
 log = logging.getLogger("pipeline")
@@ -98,14 +101,18 @@ def _check_order(messages: list[dict], where: str, key: str) -> None:
         raise PipelineError(f"{where}: {key} must end with an assistant turn (the answer to train on)")
 
 
-def check_record(raw: Any, where: str, fmt: str = "auto") -> dict[str, Any]:
-    """The record in its kept shape ({instruction, input, output} or {messages}), or raise naming `where`."""
+def check_record(raw: Any, where: str, fmt: str = "auto", format_from: str | None = None) -> dict[str, Any]:
+    """The record in its kept shape ({instruction, input, output} or {messages}), or raise naming `where`.
+    `format_from`: the record `fmt` was taken from, under `data.format: auto`."""
     found = detect_format(raw, where)
     if fmt != "auto" and found != fmt:
-        raise PipelineError(
-            f"{where}: not in the {fmt} format (it has '{FORMATS[found]}', as {found} records do); "
-            f"set data.format: {found}, or auto"
-        )
+        has = f"it has '{FORMATS[found]}', as {found} records do"
+        if format_from:
+            raise PipelineError(
+                f"{where}: not in the {fmt} format of the first record ({format_from}; {has}); every record of a "
+                "file must be in one format: convert it, or split the file"
+            )
+        raise PipelineError(f"{where}: not in the {fmt} format ({has}); set data.format: {found}, or auto")
     if found == "alpaca":
         return _alpaca(raw, where)
     if found == "messages":
@@ -114,55 +121,126 @@ def check_record(raw: Any, where: str, fmt: str = "auto") -> dict[str, Any]:
     return {"messages": _turns(raw, where, "conversations", "from", "value", SHAREGPT_ROLES)}
 
 
-def check_records(rows: list[tuple[str, Any]], fmt: str) -> list[dict[str, Any]]:
+def check_records(rows: Iterable[tuple[str, Any]], fmt: str) -> Iterator[dict[str, Any]]:
     """Each (where, raw) row checked against `fmt`; under `auto`, the format of the first row."""
-    if rows and fmt == "auto":
-        fmt = detect_format(rows[0][1], rows[0][0])
-        log.info("data.format auto: %s (from %s)", fmt, rows[0][0])
-    return [check_record(raw, where, fmt) for where, raw in rows]
+    format_from = None
+    for where, raw in rows:
+        if fmt == "auto":
+            fmt, format_from = detect_format(raw, where), where
+            log.info("data.format auto: %s (from %s)", fmt, where)
+        yield check_record(raw, where, fmt, format_from)
 
 
-def _read_file(path: Path) -> list[tuple[str, Any]]:
+def _json_list_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """The items of a file holding one JSON list, read a megabyte at a time (a record larger than that grows the
+    read geometrically): the list is never held whole."""
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8") as handle:
+        text, at, done, read_size = "", 0, False, 1 << 20
+
+        def more() -> None:
+            nonlocal text, at, done, read_size
+            chunk = handle.read(read_size)
+            done = not chunk
+            text, at = text[at:] + chunk, 0
+
+        def skip_space() -> str:
+            nonlocal at
+            while True:
+                while at < len(text) and text[at] in " \t\r\n":
+                    at += 1
+                if at < len(text) or done:
+                    return text[at : at + 1]
+                more()
+
+        more()
+        if skip_space() != "[":
+            raise PipelineError(f"{path}: expected a JSON list of records")
+        at += 1
+        for number in itertools.count(1):
+            where = f"{path}: record {number}"
+            separator = skip_space()
+            if separator == "]":
+                return
+            if number > 1:
+                if separator != ",":
+                    raise PipelineError(f"{where}: malformed JSON (expected ',' or ']' after the previous record)")
+                at += 1
+                skip_space()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(text, at)
+                    break
+                except json.JSONDecodeError as err:
+                    if done:
+                        raise PipelineError(f"{where}: malformed JSON ({err.msg})") from None
+                    read_size = max(read_size, 2 * len(text))  # a record larger than the read: double it
+                    more()
+                except RecursionError:
+                    raise PipelineError(f"{where}: JSON nested too deeply") from None
+                except ValueError as err:  # e.g. an integer past int's digit limit
+                    raise PipelineError(f"{where}: unreadable JSON value ({str(err).splitlines()[0]})") from None
+            yield where, check_json_value(value, where)
+            at = end
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return [(f"{path}:{line}", raw) for line, raw in read_jsonl(path)]
+        return ((f"{path}:{line}", raw) for line, raw in read_jsonl(path))
     if suffix == ".json":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PipelineError(f"{path}: not UTF-8 text") from None
-        rows = parse_json(text, str(path), multiline=True)
-        if not isinstance(rows, list):
-            raise PipelineError(f"{path}: expected a JSON list of records")
-        return [(f"{path}: record {i + 1}", raw) for i, raw in enumerate(rows)]
+        return _checked_text(path, _json_list_items(path))
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
-        return [(f"{path}: record {i + 1}", raw) for i, raw in enumerate(rows)]
+        return _parquet_rows(path)
     raise PipelineError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .json or .parquet)")
 
 
-def _read_hub(dataset_id: str, split: str, revision: str | None) -> list[tuple[str, Any]]:
-    """Load through `datasets` (hub id or a local dataset folder laid out like a hub repo)."""
+def _checked_text(path: Path, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from rows
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A Parquet file a thousand rows at a time."""
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+            for raw in batch.to_pylist():
+                number += 1
+                yield f"{path}: record {number}", raw
+    except PipelineError:
+        raise
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise PipelineError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def _read_hub(dataset_id: str, split: str, revision: str | None) -> Iterator[tuple[str, Any]]:
+    """Stream through `datasets` (hub id or a local dataset folder laid out like a hub repo): records arrive as the
+    files download, none is held beyond its batch."""
     import datasets
 
+    where = f"data.source '{HUB_PREFIX}{dataset_id}'"
     try:
-        rows = datasets.load_dataset(dataset_id, split=split, revision=revision)
+        rows = iter(datasets.load_dataset(dataset_id, split=split, revision=revision, streaming=True))
+        number = 0
+        for raw in rows:
+            number += 1
+            yield f"{HUB_PREFIX}{dataset_id} record {number}", raw
+    except PipelineError:
+        raise
     except Exception as err:  # datasets raises many types: network, missing split, missing repo
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PipelineError(
-            f"data.source '{HUB_PREFIX}{dataset_id}': could not load split '{split}': {first}"
-        ) from None
-    return [(f"{HUB_PREFIX}{dataset_id} record {i + 1}", raw) for i, raw in enumerate(rows)]
+        raise PipelineError(f"{where}: could not load split '{split}': {first}") from None
 
 
-def read_records(
+def iter_records(
     source: str, split: str = "train", revision: str | None = None, fmt: str = "auto"
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
+    """The source's records, checked, one at a time (never the whole source in memory)."""
     if source.startswith(HUB_PREFIX):
         rows = _read_hub(source[len(HUB_PREFIX) :], split, revision)
     else:
@@ -171,8 +249,10 @@ def read_records(
             raise PipelineError(f"data.source '{source}': file not found (use 'hub:<id>' for a hub dataset)")
         inside_repository(path, "data.source")
         rows = _read_file(path)
-    records = check_records(rows, fmt)
-    if not records:
+    count = 0
+    for record in check_records(rows, fmt):
+        count += 1
+        yield record
+    if not count:
         raise PipelineError(f"data.source '{source}': no records")
-    log.info("read %d records from %s", len(records), source)
-    return records
+    log.info("read %d records from %s", count, source)

@@ -13,7 +13,7 @@ import torch
 
 from stages.common.models import autocast
 from stages.common.tokenized import Collator
-from stages.finetuning.packing import PackCollator, pack_rows
+from stages.finetuning.packing import PackedRows, collator_for, pack
 from stages.finetuning.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -28,43 +28,51 @@ def accumulation_steps(effective: int, micro: int, processes: int) -> int:
 
 
 class BatchShapes:
-    """The batches a run trains on, by examples per forward pass (`micro`): rows padded as tokenize said, or, under
-    `tokenize.padding: packed`, the examples of each micro-batch packed into one row of a fixed width."""
+    """The batches a run trains on, `micro` rows per forward pass: rows padded as tokenize said, or, under
+    `tokenize.padding: packed`, rows of examples packed to a budget of max_length tokens (stages/finetuning/packing.py),
+    packed once for the run."""
 
-    def __init__(self, data: TrainingData, seed: int):
-        self.data, self.seed = data, seed
+    def __init__(self, data: TrainingData):
+        self.data = data
         self.packed = data.meta.padding == "packed"
 
-    @functools.cache  # noqa: B019  one pack layout per micro-batch size, for the run's lifetime
-    def packs(self, micro: int) -> tuple[list[list[dict[str, Any]]], int]:
-        return pack_rows(self.data.train, micro, self.seed)
+    @functools.cached_property
+    def train_packs(self) -> tuple[PackedRows, int]:
+        return pack(self.data.train, self.data.train.lengths, self.data.meta.max_length)
 
-    def width(self, micro: int) -> int | None:
+    @property
+    def rows(self) -> int:
+        """Rows the Trainer samples from: the examples, or the packed rows."""
+        return len(self.train_packs[0]) if self.packed else len(self.data.train)
+
+    def width(self) -> int | None:
         """The packed row width (None when rows are not packed)."""
-        return self.packs(micro)[1] if self.packed else None
+        return self.train_packs[1] if self.packed else None
 
-    def training(self, micro: int, fill: bool) -> tuple[list[Any], Any]:
+    def training(self, micro: int, fill: bool) -> tuple[Any, Any]:
         """(the Trainer's train dataset, its collator). `fill`: short batches get ignored filler rows (one shape)."""
+        batch_rows = micro if fill else None
         if self.packed:
-            packs, width = self.packs(micro)
-            return packs, PackCollator(self.data.meta, width, micro)
-        return self.data.train, Collator(self.data.meta, batch_rows=micro if fill else None)
+            rows, width = self.train_packs
+            return rows, collator_for(rows, width, self.data.meta, batch_rows)
+        return self.data.train, Collator(self.data.meta, batch_rows=batch_rows)
 
-    def evaluation(self, micro: int) -> tuple[list[Any], Any]:
-        """(the eval dataset, its collator): packed as training packs, `micro` examples to a row (no padding to
-        compute; the eval loss is the same token-weighted figure), else rows padded per batch."""
+    def evaluation(self) -> tuple[Any, Any]:
+        """(the eval dataset, its collator): packed as training packs (no padding to compute; the eval loss is the
+        same token-weighted figure), else rows padded per batch."""
         if self.packed:
-            packs, width = pack_rows(self.data.eval, micro, self.seed)
-            return packs, PackCollator(self.data.meta, width, micro)
+            rows, width = pack(self.data.eval, self.data.eval.lengths, self.data.meta.max_length)
+            return rows, collator_for(rows, width, self.data.meta)
         return self.data.eval, Collator(self.data.meta)
 
     def probe_batch(self, micro: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """A batch of the largest shape training meets at `micro`, as the Trainer collates it: the fullest packed
-        row, or `micro` rows padded to max_length with a padded position (so the attention mask is a tensor)."""
+        """A batch of the largest shape training meets at `micro`, as the Trainer collates it: the `micro` fullest
+        packed rows, or `micro` rows padded to max_length with a padded position (so the attention mask is a tensor)."""
         if self.packed:
-            packs, width = self.packs(micro)
-            fullest = max(packs, key=lambda pack: sum(len(row["input_ids"]) for row in pack))
-            batch = PackCollator(self.data.meta, width, micro)([fullest])
+            rows, width = self.train_packs
+            lengths = self.data.train.lengths
+            fullest = sorted(range(len(rows)), key=lambda r: -int(lengths[rows.packs[r]].sum()))[:micro]
+            batch = collator_for(rows, width, self.data.meta, micro)([rows[r] for r in fullest])
         else:
             ids = torch.full((micro, self.data.meta.max_length), self.data.meta.pad_token_id, dtype=torch.long)
             mask = torch.ones_like(ids)

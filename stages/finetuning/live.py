@@ -7,9 +7,9 @@ numbers points by how many logs came before (train and eval points of one optimi
 logs every TrainingArguments field as a param (about a hundred more `dvc exp show` columns) and the run's timings as
 metrics (`dvc metrics diff` would never be quiet), and starts a resumed run's curves over from step 0. dvclive's own
 resume (`Live(resume=True)`) continues after the last *logged* step, which a killed run wrote past its last
-checkpoint, and needs the folder DVC removes before it runs the stage: tests/test_live.py shows both. Here every
-point sits at its optimizer step, and a resumed run first replays the history its checkpoint holds, so the curves
-have neither a gap nor a repeated step."""
+checkpoint (dvclive 3.49: the resumed run logs those steps twice), and needs the folder DVC removes before it runs
+the stage. Here every point sits at its optimizer step, and a resumed run first replays the history its checkpoint
+holds, so the curves have neither a gap nor a repeated step."""
 
 from __future__ import annotations
 

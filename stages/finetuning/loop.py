@@ -11,14 +11,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from stages.common.fragile import limit_trainer_to_one_gpu
 from stages.common.params import Params
-from stages.common.paths import CHECKPOINT_DIR
-from stages.common.tokenized import TokenizedMeta, load_meta, load_split
+from stages.common.paths import CHECKPOINT_DIR, TOKENIZED_DIR
+from stages.common.tokenized import TokenizedMeta, TokenizedSplit, files_digest, load_meta, load_split, split_path
 from stages.finetuning.batching import BatchShapes, accumulation_steps, pick_micro_batch
 from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
@@ -35,18 +36,21 @@ log = logging.getLogger("pipeline")
 @dataclass(frozen=True)
 class TrainingData:
     meta: TokenizedMeta
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
+    train: TokenizedSplit
+    eval: TokenizedSplit
+    directory: Path = TOKENIZED_DIR
 
     @classmethod
-    def load(cls) -> TrainingData:
-        """data/tokenized/ as tokenize wrote it."""
-        return cls(load_meta(), load_split("train"), load_split("eval"))
+    def load(cls, directory: Path = TOKENIZED_DIR) -> TrainingData:
+        """data/tokenized/ as tokenize wrote it, memory-mapped."""
+        meta = load_meta(directory)
+        return cls(meta, load_split("train", meta, directory), load_split("eval", meta, directory), directory)
 
     def digest(self) -> bytes:
         """What identifies this data for resuming: a checkpoint of a run on other rows is not resumed."""
-        content = json.dumps([dataclasses.asdict(self.meta), self.train, self.eval], sort_keys=True)
-        return hashlib.sha256(content.encode()).digest()
+        meta = json.dumps(dataclasses.asdict(self.meta), sort_keys=True).encode()
+        files = files_digest([split_path(name, self.directory) for name in ("train", "eval")])
+        return hashlib.sha256(meta + files).digest()
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,14 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
         graphs = " and records the CUDA graphs in step 2" if train.cuda_graphs else ""
         log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
     probe_started = time.perf_counter()
-    shapes = BatchShapes(data, train.seed)
+    shapes = BatchShapes(data)
     if shapes.packed and train.packed_attention == "per_example":  # before the probe: it measures its memory
         use_for_packed_rows(model)
     micro = pick_micro_batch(
         model, train.micro_batch_size, train.effective_batch_size, runtime, shapes.probe_batch, train.precision
     )
     probe_seconds = time.perf_counter() - probe_started
-    args = training_arguments(params, micro, runtime, rows_per_batch=1 if shapes.packed else micro)
+    args = training_arguments(params, micro, runtime)
     graphs_seconds = 0.0
     if train.cuda_graphs and not train.compile and runtime.cuda:  # recorded now, on the batch shape training runs
         graphs_started = time.perf_counter()
@@ -85,7 +89,7 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
         graphs_seconds = time.perf_counter() - graphs_started
     if train.cuda_graphs and args.gradient_accumulation_steps > 1:
         copy_graphed_gradients(model)
-    log_plan(len(data.train), micro, args.gradient_accumulation_steps, runtime, params, shapes.width(micro))
+    log_plan(shapes.rows, micro, args.gradient_accumulation_steps, runtime, params, shapes.width())
     profiler = step_profiler(runtime)
     # compiled CUDA graphs warm up in step 1 and are recorded in step 2; steps after those are steady
     recorded_in_step_2 = train.cuda_graphs and train.compile
@@ -123,7 +127,7 @@ def build_trainer(model: Any, args: Any, shapes: BatchShapes, micro: int, compil
     from stages.finetuning.trainer import TokenWeightedTrainer
 
     train_rows, collator = shapes.training(micro, fill=compiled)
-    eval_rows, eval_collator = shapes.evaluation(micro)
+    eval_rows, eval_collator = shapes.evaluation()
     trainer = TokenWeightedTrainer(
         model=model,
         args=args,
@@ -157,21 +161,21 @@ def log_plan(rows: int, micro: int, accumulation: int, runtime: Runtime, params:
         runtime.world_size,
         params.train.effective_batch_size,
         steps,
-        f"; each micro-batch packed into one row of {width} tokens" if width else "",
+        f" (rows packed to a budget of {params.tokenize.max_length} tokens, padded to {width})" if width else "",
     )
 
 
-def training_arguments(params: Params, micro: int, runtime: Runtime, rows_per_batch: int) -> Any:
-    """`micro` examples per forward pass, in `rows_per_batch` rows (1 when they are packed into one)."""
+def training_arguments(params: Params, micro: int, runtime: Runtime) -> Any:
+    """`micro` rows per forward pass (examples, or packed rows of several)."""
     from transformers import TrainingArguments
 
     train = params.train
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
-        per_device_train_batch_size=rows_per_batch,
+        per_device_train_batch_size=micro,
         # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
         # fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
-        per_device_eval_batch_size=4 * rows_per_batch,
+        per_device_eval_batch_size=4 * micro,
         gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, runtime.world_size),
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,

@@ -58,7 +58,7 @@ def run_report(result: FitResult, data: TrainingData, runtime: Runtime) -> dict[
     """How this run went on this machine: batch split, timings, throughput, memory, resume."""
     # tokens this process's run trained on: a resumed run did only the steps after its checkpoint
     share = (result.steps - result.resumed_from) / max(result.steps, 1)
-    tokens = sum(len(r["input_ids"]) for r in data.train) * result.epochs * share
+    tokens = data.train.tokens() * result.epochs * share
     return {
         "micro_batch_size": result.micro_batch_size,
         "gradient_accumulation_steps": result.accumulation,

@@ -1,11 +1,13 @@
-"""Packed rows (`tokenize.padding: packed`): the examples of one micro-batch laid end to end in one row, so the GPU
-computes no padding, while each example still attends only to itself.
+"""Packed rows (`tokenize.padding: packed`): examples laid end to end in rows of a token budget, so the GPU computes
+little padding, while each example still attends only to itself.
 
-Which examples share a row is decided once per run: sorted by length and cut into as many strata as a row holds
-examples, each row takes one random example of each stratum. Every row then holds about the same number of tokens,
-so one fixed row width (the longest row, rounded up to a multiple of 8) fits them all with little left over: the
-compiled blocks and the CUDA graphs see one shape. Each optimizer step still sees `train.effective_batch_size`
-examples; the Trainer shuffles the rows' order every epoch.
+The budget is `tokenize.max_length` tokens a row, the length tokenize cuts every example at, so every example fits a
+row whole. Rows are filled best-fit decreasing (longest example first, each into the fullest row it still fits),
+decided once from the stored lengths: no example is split, and rows come out nearly full whatever the length
+distribution, so its tail no longer sets the width of every row. A row is one sample for the Trainer:
+`train.micro_batch_size` rows per forward pass, `train.effective_batch_size` rows per optimizer step (a token budget of
+effective_batch_size x max_length), and the Trainer shuffles the rows' order every epoch. Every row is padded to one
+fixed width (the fullest row, rounded up to a multiple of 8): the compiled blocks and the CUDA graphs see one shape.
 
 Inside a row, positions restart at 0 for each example and no attention mask is passed: transformers then builds the
 block-diagonal causal mask from the positions (`masking_utils.find_packed_sequence_indices`). The examples' bounds go
@@ -15,10 +17,12 @@ each example is never a target (it would be predicted from the previous example'
 
 from __future__ import annotations
 
+import bisect
 import math
-import random
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from stages.common.tokenized import IGNORE_INDEX, TokenizedMeta
@@ -27,37 +31,72 @@ from stages.finetuning.packed_attention import BOUND_LENGTHS, BOUND_TENSORS, seg
 WIDTH_MULTIPLE = 8  # tensor-core friendly row widths
 
 
-def stratified_packs(lengths: list[int], per_row: int, seed: int) -> list[list[int]]:
-    """Indices of `lengths`, `per_row` to a row, each row one example per length stratum; when the count does not
-    divide, a last row holds the random remainder (like an unpacked epoch's short last batch)."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    remainder, order = order[: len(order) % per_row], order[len(order) % per_row :]
-    rows = len(order) // per_row
-    by_length = sorted(order, key=lambda i: (lengths[i], i))
-    strata = [by_length[k * rows : (k + 1) * rows] for k in range(per_row)]
-    for stratum in strata:
-        rng.shuffle(stratum)
-    packs = [[stratum[r] for stratum in strata] for r in range(rows)]
-    return packs + [sorted(remainder)] if remainder else packs
+def best_fit_packs(lengths: Sequence[int] | np.ndarray, budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `budget` tokens, best-fit decreasing: each example, longest
+    first (ties by index), goes into the row with the least room that still holds it, or opens a row. Rows with the
+    same room are kept by room, so a step costs a bisection over the distinct rooms (at most `budget`), not a scan of
+    the rows: a million examples pack in seconds."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > budget:
+        raise ValueError(f"an example of {lengths.max()} tokens does not fit a packed row of {budget}")
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    smallest = int(lengths.min()) if len(lengths) else 0
+    packs: list[list[int]] = []
+    rooms: list[int] = []  # the distinct room values some open row has, ascending
+    rows_by_room: dict[int, list[int]] = {}
+    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        at = bisect.bisect_left(rooms, length)
+        if at < len(rooms):
+            room = rooms[at]
+            row = rows_by_room[room].pop()
+            if not rows_by_room[room]:
+                del rows_by_room[room], rooms[at]
+        else:
+            room, row = budget, len(packs)
+            packs.append([])
+        packs[row].append(index)
+        left = room - length
+        if left >= smallest and left > 0:  # a room no example fits is closed for good
+            if left not in rows_by_room:
+                bisect.insort(rooms, left)
+                rows_by_room[left] = []
+            rows_by_room[left].append(row)
+    return packs
 
 
-def row_width(rows: list[dict[str, Any]], packs: list[list[int]]) -> int:
+def row_width(lengths: Sequence[int] | np.ndarray, packs: list[list[int]]) -> int:
     """The fixed width every packed row is padded to: the fullest row, rounded up to a multiple of 8."""
-    fullest = max(sum(len(rows[i]["input_ids"]) for i in pack) for pack in packs)
+    lengths = np.asarray(lengths)
+    fullest = max(int(lengths[pack].sum()) for pack in packs)
     return WIDTH_MULTIPLE * math.ceil(fullest / WIDTH_MULTIPLE)
 
 
-def pack_rows(rows: list[dict[str, Any]], per_row: int, seed: int) -> tuple[list[list[dict[str, Any]]], int]:
-    """(the packed rows, each a list of examples; their common width)."""
-    packs = stratified_packs([len(r["input_ids"]) for r in rows], per_row, seed)
-    return [[rows[i] for i in pack] for pack in packs], row_width(rows, packs)
+class PackedRows(Sequence):
+    """The Trainer's dataset under packing: item i is the examples of row i (read from `examples` when asked for);
+    a slice is the same rows' view."""
+
+    def __init__(self, examples: Sequence[dict[str, Any]], packs: list[list[int]]):
+        self.examples, self.packs = examples, packs
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            return PackedRows(self.examples, self.packs[key])
+        return [self.examples[i] for i in self.packs[key]]
+
+
+def pack(examples: Sequence[dict[str, Any]], lengths: Any, budget: int) -> tuple[PackedRows, int]:
+    """(the packed rows of `examples`, their common width)."""
+    packs = best_fit_packs(lengths, budget)
+    return PackedRows(examples, packs), row_width(lengths, packs)
 
 
 def packed_tensors(examples: list[dict[str, Any]], width: int, meta: TokenizedMeta) -> dict[str, torch.Tensor]:
     """One row of `width` tokens: the examples end to end, then padding as one more segment of its own (so every
-    query attends to something); labels ignore padding and each example's first token."""
+    query attends to something); labels ignore padding and each example's first token. A row of no examples is all
+    padding, nothing labelled: the filler of a short last batch."""
     lengths = segment_lengths(examples, width)
     fill = lengths[-1] if len(lengths) > len(examples) else 0
     input_ids = [token for example in examples for token in example["input_ids"]] + [meta.pad_token_id] * fill
@@ -78,16 +117,24 @@ def segment_lengths(examples: list[dict[str, Any]], width: int) -> list[int]:
 
 
 class PackCollator:
-    """Trainer data collator for packed rows: the Trainer's batch is one packed row (a list of up to `per_row`
-    examples). Besides the row it passes the segments' bounds, `per_row` + 1 slots per row (the padding's included),
-    and the row width as the longest a segment can be: every batch of a run has the same shapes and that one length."""
+    """Trainer data collator for packed rows: each item of the Trainer's batch is one packed row (a list of
+    examples). Besides the rows it passes the segments' bounds, `slots` per row (the most examples a row of the run
+    holds, plus its padding), and the row width as the longest a segment can be: every batch of a run has the same
+    shapes and that one length. With `batch_rows`, a short batch (the last of an epoch) gets rows of padding only."""
 
-    def __init__(self, meta: TokenizedMeta, width: int, per_row: int):
-        self.meta, self.width, self.per_row = meta, width, per_row
+    def __init__(self, meta: TokenizedMeta, width: int, slots: int, batch_rows: int | None = None):
+        self.meta, self.width, self.slots, self.batch_rows = meta, width, slots, batch_rows
 
     def __call__(self, batch: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        batch = [*batch, *[[]] * max((self.batch_rows or 0) - len(batch), 0)]
         rows = [packed_tensors(examples, self.width, self.meta) for examples in batch]
         collated: dict[str, Any] = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
-        bounds = segment_bounds([segment_lengths(examples, self.width) for examples in batch], self.per_row + 1)
+        bounds = segment_bounds([segment_lengths(examples, self.width) for examples in batch], self.slots)
         collated |= dict.fromkeys(BOUND_TENSORS, bounds) | dict.fromkeys(BOUND_LENGTHS, self.width)
         return collated
+
+
+def collator_for(rows: PackedRows, width: int, meta: TokenizedMeta, batch_rows: int | None = None) -> PackCollator:
+    """The collator of these rows: as many slots as their fullest row has examples, plus one for its padding."""
+    slots = max((len(p) for p in rows.packs), default=0) + 1
+    return PackCollator(meta, width, slots, batch_rows)
