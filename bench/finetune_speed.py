@@ -10,7 +10,7 @@ several-GPU rows, which run the compiled blocks (COMPILED_FOR_DDP).
 
     python bench/finetune_speed.py --save-tokenizer .bench/tokenizer     # here; carry it to the GPU machine
     python bench/finetune_speed.py --tokenizer .bench/tokenizer --build-only    # once; shared by the parts
-    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline --tag _h100  # all visible GPUs
+    python bench/finetune_speed.py --tokenizer .bench/tokenizer --part headline     # all visible GPUs
     CUDA_VISIBLE_DEVICES=0 python bench/finetune_speed.py ... --part levers --work .bench/w0  # parts can run
     CUDA_VISIBLE_DEVICES=1 python bench/finetune_speed.py ... --part quant --work .bench/w1   # side by side
     python bench/finetune_speed.py --smoke          # CPU check of the script itself, tiny model
@@ -52,6 +52,7 @@ scored by evaluate_ppl, the function (a) is scored with. Train loss is the last 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import math
@@ -115,6 +116,17 @@ NO_GRAPHS = {"train.cuda_graphs": False}  # the compiled blocks run without CUDA
 COMPILED_FOR_DDP = {"train.compile": True, "train.cuda_graphs": True, "tokenize.padding": "max_length"}
 # The seed profile as it ran before compilation: eager blocks, rows padded per batch and grouped by length.
 EAGER = NO_GRAPHS | {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
+
+
+def result_stem(what: str, smoke: bool = False) -> str:
+    """A result file's name: what it measured, on which device, and when (`wholerun_h200_2026-12-03`)."""
+    if smoke or not torch.cuda.is_available():
+        device = "cpu"
+    else:
+        card = torch.cuda.get_device_name(0).split()[-1].lower().replace("-", "")
+        count = torch.cuda.device_count()
+        device = f"{count}x{card}" if count > 1 else card
+    return f"{what}_{device}_{datetime.date.today()}{'_smoke' if smoke else ''}"
 
 
 def sync() -> None:
@@ -259,18 +271,22 @@ class Pipeline:
         profile: dict[str, Any],
         traces: Path | None = None,
         stage_log: Path | None = None,
+        model_link: str = BENCH_MODEL,
     ) -> None:
         self.root, self.model_dir, self.smoke, self.profile, self.traces = root, model_dir, smoke, profile, traces
+        self.model_link = model_link  # model.name: the base's link inside the scratch root
         self.stage_log = stage_log  # where the rest-of-pipeline stages' output goes (their progress bars time them)
         self.skip: set[str] = set()  # headline rows left out (--skip)
         self.tokenized_with: str | None = None
         self.data_stages: dict[str, dict[str, float]] = {}  # times of the last prepare_subset and tokenize run
         self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
         self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
-        link = root / BENCH_MODEL  # local models live under models/base/ (params refuse others)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(model_dir.resolve(), target_is_directory=True)
+        # local models live under models/base/, and params refuse a link out of the project: hard links instead
+        link = root / model_link
+        link.mkdir(parents=True, exist_ok=True)
+        for file in model_dir.iterdir() if model_dir.is_dir() else ():
+            if not (link / file.name).exists():
+                os.link(file, link / file.name)
 
     def write_data(self, tokenizer: Any) -> None:
         """data/raw/bench.jsonl: the records every row trains on (bench_records)."""
@@ -289,7 +305,7 @@ class Pipeline:
     def params(self, overrides: dict[str, Any]) -> dict:
         base = {
             "data.source": "data/raw/bench.jsonl",
-            "model.name": BENCH_MODEL,
+            "model.name": self.model_link,
             "eval.generate.embedder": BENCH_EMBEDDER,
         }
         if self.smoke:
@@ -770,7 +786,7 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, default=REPO / ".bench/work", help="scratch folder (one per process)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
-    parser.add_argument("--tag", default="", help="suffix of the result file name, e.g. the device")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (they hold the device and date)")
     parser.add_argument("--build-only", action="store_true", help="build the random model and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     parser.add_argument(
@@ -799,8 +815,9 @@ def main() -> None:
     if args.build_only:
         return
     profile = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
-    traces = args.out / f"profiles{args.tag}" if args.profile else None
-    stage_log = args.out / f"stage_logs_{args.part}{args.tag}{'_smoke' if args.smoke else ''}.txt"
+    stem = result_stem(args.part, args.smoke) + args.tag
+    traces = args.out / f"{stem}_profiles" if args.profile else None
+    stage_log = args.out / f"{stem}_stage_logs.txt"
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, traces, stage_log)
     pipe.skip = {name for name in args.skip.split(",") if name}
     embedder_stand_in(pipe.root / BENCH_EMBEDDER)
@@ -822,7 +839,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     pipe.epoch_rows, pipe.epoch_tokens = len(train_rows), sum(len(r["input_ids"]) for r in train_rows)
     if args.part == "wholerun":
-        name = f"wholerun{args.tag}{'_smoke' if args.smoke else ''}.json"
+        name = f"{stem}.json"
         context = {
             "device": device,
             "command": "python bench/finetune_speed.py " + " ".join(sys.argv[1:]),
@@ -843,7 +860,7 @@ def main() -> None:
         """Print the table and rewrite the JSON after every row, so a run cut short keeps what it measured."""
         results.append(row)
         print(f"\ndevice: {device}\n{table(seed, results)}", flush=True)
-        name = f"finetune_speed_{args.part}{args.tag}{'_smoke' if args.smoke else ''}.json"
+        name = f"{stem}.json"
         write_report(args.out / name, device, seed, results, profile)
 
     print(table(seed, []), flush=True)

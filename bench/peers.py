@@ -53,25 +53,19 @@ def estimated_epoch(trainer: Any, clock: StepClock, rows: int) -> dict[str, floa
     }
 
 
-def trl_baseline(
-    model_dir: Path,
-    train: list[dict[str, str]],
-    evaluation: list[dict[str, str]],
-    steps: int,
-    quantized: bool,
-    liger: bool,
-    smoke: bool,
-) -> dict[str, Any]:
-    """One TRL row; `train`/`evaluation` are the subset's records (instruction, input, output)."""
+def prompt_completion(records: list[dict[str, str]]) -> Any:
+    """The records as TRL's prompt-completion dataset: the pipeline's Alpaca prompt, the answer as the completion."""
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    as_dataset = lambda records: Dataset.from_list(  # noqa: E731
+    return Dataset.from_list(
         [{"prompt": format_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
     )
+
+
+def peer_model(model_dir: Path, quantized: bool, smoke: bool) -> tuple[Any, Any]:
+    """Tokenizer and base as a TRL user loads them: QLoRA's nf4 with double quantization and bf16 compute, or bf16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
     kwargs: dict[str, Any] = {"dtype": torch.float32 if smoke else torch.bfloat16}
     if not smoke:
         kwargs["device_map"] = {"": 0}
@@ -82,7 +76,23 @@ def trl_baseline(
             bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def trl_baseline(
+    model_dir: Path,
+    train: list[dict[str, str]],
+    evaluation: list[dict[str, str]],
+    steps: int,
+    quantized: bool,
+    liger: bool,
+    smoke: bool,
+) -> dict[str, Any]:
+    """One TRL row; `train`/`evaluation` are the subset's records (instruction, input, output)."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, model = peer_model(model_dir, quantized, smoke)
     config = SFTConfig(
         output_dir=str(model_dir.parent / "trl-out"),
         per_device_train_batch_size=ROWS_PER_STEP,
@@ -102,8 +112,8 @@ def trl_baseline(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=as_dataset(train),
-        eval_dataset=as_dataset(evaluation),
+        train_dataset=prompt_completion(train),
+        eval_dataset=prompt_completion(evaluation),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM"),
         callbacks=[clock.callback],
@@ -128,4 +138,79 @@ def trl_baseline(
         "peak_gib": peak,
         "setup": "nf4 double-quant, bf16" if quantized else "bf16, no quantization",
         "liger_layers": liger_layers,
+    }
+
+
+def trl_packed_epoch(
+    model_dir: Path,
+    train: list[dict[str, str]],
+    eval_rows: Any,
+    max_length: int,
+    rows_per_step: int,
+    smoke: bool,
+) -> dict[str, Any]:
+    """TRL as its documentation sets it up for long examples: its own packing (best-fit decreasing into rows of
+    `max_length`, padding-free), its defaults for the micro-batch (8 rows) and activation checkpointing (on), the
+    recipe's LoRA and optimizer, `rows_per_step` packed rows per optimizer step, one whole epoch timed end to end.
+    Its eval loss is scored on `eval_rows` (the pipeline's tokenized eval split) with the function evaluate_ppl uses:
+    token-weighted over answer tokens, the pipeline's own eval loss."""
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.common.perplexity import perplexities
+
+    tokenizer, model = peer_model(model_dir, quantized=True, smoke=smoke)
+    micro = TrainingArguments.per_device_train_batch_size  # the dataclass default TRL keeps: 8
+    config = SFTConfig(
+        output_dir=str(model_dir.parent / "trl-packed-out"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=max(rows_per_step // micro, 1),
+        max_length=max_length,
+        packing=True,
+        completion_only_loss=True,
+        bf16=not smoke,
+        use_cpu=smoke,
+        seed=42,
+        **SEED_OPTIMISATION,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=prompt_completion(train),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM"),
+    )
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    started = time.perf_counter()
+    result = trainer.train()
+    sync()
+    epoch_s = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    trained = trainer.model
+    trained.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=not smoke):
+        scored = perplexities(trained, list(eval_rows), pad, max_length, batch_size=4, desc="TRL eval loss")
+    eval_s = time.perf_counter() - started
+    steps = result.global_step
+    del trainer, model, trained
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {
+        "epoch_s": epoch_s,
+        "steps": steps,
+        "s_per_step": epoch_s / max(steps, 1),
+        "train_loss": result.training_loss,
+        "eval_loss": math.log(scored["perplexity"]["response"]),
+        "eval_s": eval_s,
+        "peak_gib": peak,
+        "micro_batch_size": micro,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "setup": "TRL SFTTrainer, packing bfd (padding-free), nf4 double-quant, bf16, SDPA",
     }

@@ -12,9 +12,10 @@ import subprocess
 from pathlib import Path
 
 SUMMARY = "Compare this commit's finished experiments: the params and metrics that differ, and their plots."
-# Dropped columns: the file hashes of every dep and out (their names hold a "/", params and metrics never do) and
-# the run's bookkeeping; what stays is the params and metrics that differ between the experiments.
-DROPPED = ".*/|Created|State|Executor"
+# Dropped columns: the file hashes of every dep and out (their names are paths with no ":"; a param or metric
+# column is file:key, and dvclive/metrics.json:train.learning_rate holds a "/" too) and the run's bookkeeping; what
+# stays is the params and metrics that differ between the experiments.
+DROPPED = "^[^:]*/[^:]*$|Created|State|Executor"
 
 
 class CommandError(Exception):

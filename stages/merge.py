@@ -11,12 +11,14 @@ dtype of the saved weights (the merge itself is done in float32)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+import transformers
 
 from stages.common.errors import run_stage
 from stages.common.fragile import rename_base
-from stages.common.io import atomic_path, write_json
+from stages.common.io import atomic_path, read_json, write_json
 from stages.common.made_with import read_made_with
 from stages.common.model_card import evaluation_figures, model_card
 from stages.common.models import DTYPES, check_finite_model, load_finetuned, load_tokenizer
@@ -39,7 +41,11 @@ def main() -> None:
     made_with = read_made_with(ADAPTER_DIR / "params.json")
     if trained_template(made_with, tokenizer) == "alpaca":  # the trained format, for apply_chat_template and the GGUF
         tokenizer.chat_template = ALPACA_JINJA
-    notes = [f"weights: {params.export.dtype}, base and LoRA update added in float32"]
+    notes = [
+        f"weights: {params.export.dtype}, base and LoRA update added in float32",
+        f"made with transformers {transformers.__version__}; its config also gives RoPE the transformers 4.x way "
+        "(`rope_theta`), so 4.x (checked: 4.57.1) reads the same positions",
+    ]
     if params.model.quantization != "none":
         notes.append(
             f"merged into the unquantized base weights: the adapter was trained against the {params.model.quantization}"
@@ -48,10 +54,28 @@ def main() -> None:
     card = model_card(made_with, params.package.name, "merged", str(MERGED_DIR), evaluation_figures(), tuple(notes))
     with atomic_path(MERGED_DIR, directory=True) as tmp, torch.no_grad():
         merged.save_pretrained(tmp, safe_serialization=True)
+        add_legacy_rope_keys(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(tmp / "params.json", made_with)
     log.info("base + adapter merged into %s weights", params.export.dtype)
+
+
+def add_legacy_rope_keys(config_file: Path) -> None:
+    """Also write RoPE the way transformers 4.x reads it. transformers 5 saves it as `rope_parameters` only; 4.57 then
+    loads the folder without a word but with its default `rope_theta` (10,000 for Llama, where SmolLM2 has 100,000)
+    and answers differently. With `rope_theta` (and `rope_scaling` for a scaled type) beside it, both read the same
+    RoPE; transformers 5 takes the copy as the same parameters (tests/test_ship.py)."""
+    config = read_json(config_file)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return
+    config["rope_theta"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        config["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    write_json(config_file, config)
 
 
 if __name__ == "__main__":

@@ -122,13 +122,18 @@ def subset_order(unique: int, params: DataParams, source: str) -> tuple[array, a
     return order[:train], order[train : train + held_out]
 
 
+def drawn(pool: RecordPool, records: Iterable[dict], data: DataParams) -> tuple[np.ndarray, array, array]:
+    """Every record into `pool`, then (the unique records' positions, the train order, the eval order over them)."""
+    for record in records:
+        pool.add(record)
+    unique = pool.unique()
+    return (unique, *subset_order(len(unique), data, data.source))
+
+
 def split_records(records: Iterable[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
     """(train, eval) records of `records`, as prepare_subset draws them."""
     with RecordPool() as pool:
-        for record in records:
-            pool.add(record)
-        unique = pool.unique()
-        train, held_out = subset_order(len(unique), params, params.source)
+        unique, train, held_out = drawn(pool, records, params)
         return [json.loads(pool.line(unique[i])) for i in train], [json.loads(pool.line(unique[i])) for i in held_out]
 
 
@@ -142,12 +147,8 @@ def main() -> None:
     params = load_params()
     data = params.data
     with atomic_path(SUBSET_DIR, directory=True) as tmp, RecordPool(tmp) as pool:
-        for record in tqdm(
-            iter_records(data.source, data.split, data.revision, data.format), desc="read", unit=" records"
-        ):
-            pool.add(record)
-        unique = pool.unique()
-        train, held_out = subset_order(len(unique), data, data.source)
+        records = iter_records(data.source, data.split, data.revision, data.format)
+        unique, train, held_out = drawn(pool, tqdm(records, desc="read", unit=" records"), data)
         write_lines(tmp / "train.jsonl", pool, unique, train)
         write_lines(tmp / "eval.jsonl", pool, unique, held_out)
         write_json(tmp / SUBSET_SOURCE.name, params.sections("data")["data"])

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 def lora_model(architecture: str = "llama") -> torch.nn.Module:
     """A tiny LoRA model, dropout off so two copies compute the same numbers. "phi": Phi's block (parallel attention
-    and MLP, partial rotary, the layout the seed profile trains), LoRA where the seed puts it."""
+    and MLP, partial rotary, the layout the seed profile trains), LoRA where the seed puts it; "llama_gqa": Llama with
+    one key/value head for two query heads, as Llama 3 groups them."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
@@ -27,7 +28,10 @@ def lora_model(architecture: str = "llama") -> torch.nn.Module:
         config = PhiConfig(**sizes, num_attention_heads=4, resid_pdrop=0.0, embd_pdrop=0.0, use_cache=False)
         base, targets = PhiForCausalLM(config), ["q_proj", "v_proj", "fc1", "fc2"]
     else:
-        base, targets = LlamaForCausalLM(LlamaConfig(**sizes, num_attention_heads=4)), ["q_proj", "v_proj"]
+        groups = {"num_key_value_heads": 2} if architecture == "llama_gqa" else {}
+        # no cache, as the pipeline loads it: with one, transformers skips the packed-row mask (its reference here)
+        config = LlamaConfig(**sizes, num_attention_heads=4, use_cache=False, **groups)
+        base, targets = LlamaForCausalLM(config), ["q_proj", "v_proj"]
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
     return get_peft_model(base, lora).cuda()
 
@@ -107,12 +111,14 @@ def test_eager_blocks_replayed_as_cuda_graphs_give_eager_gradients(packed, micro
         torch.testing.assert_close(graphed(**b).logits, eager.eval()(**b).logits)
 
 
-def test_attention_per_packed_example_gives_the_row_masked_loss_and_gradients():
+@pytest.mark.parametrize("architecture", ["phi", "llama_gqa"])
+def test_attention_per_packed_example_gives_the_row_masked_loss_and_gradients(architecture):
     """packed_attention.py against SDPA over the whole row with the block-diagonal mask, eagerly: same loss, same
-    gradients, in bf16 as training runs; padded rows (evaluation's) still run SDPA with their mask."""
+    gradients, in bf16 as training runs, grouped key/value heads included; padded rows (evaluation's) still run SDPA
+    with their mask."""
     from stages.finetuning.packed_attention import NAME, use_for_packed_rows
 
-    row_masked = lora_model("phi")
+    row_masked = lora_model(architecture)
     per_example = copy.deepcopy(row_masked)
     assert use_for_packed_rows(per_example) and per_example.config._attn_implementation == NAME
     generator = torch.Generator().manual_seed(2)

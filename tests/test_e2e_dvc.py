@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.doc_blocks import run_block
 from tests.dvc_project import ALL_STAGES, commit, copy_project, make_project, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
@@ -91,10 +92,15 @@ def test_eval_only_param_reruns_only_evaluation_and_what_shows_its_figures(proje
     commit(project, "longer generations")
 
 
-def test_lora_rank_reruns_finetune_and_what_follows(project):
-    set_params(project, {"lora.r": 8})
-    ran = stages_run(run(project, "dvc", "repro"))
-    assert ran == ALL_STAGES - {"prepare_subset", "tokenize"}
+def test_the_readme_experiment_reruns_finetune_and_what_follows_and_names_both_runs(project):
+    """The README's compare block: `dvc exp run -n rank8 -S lora.r=8` reruns finetune and every stage after it, not
+    the data stages; exp show, metrics diff and plots diff name both runs, and the fine-tune's figure changed."""
+    ran, shown, diff, _ = run_block(project, "README.md", "compare")
+    assert set(re.findall(r"Running stage '(\w+)'", ran)) == ALL_STAGES - {"prepare_subset", "tokenize"}
+    assert "rank8" in shown and "lora.r" in shown
+    assert re.search(r"metrics/perplexity\.json\s+finetuned\.response", diff), diff
+    html = (project / "dvc_plots/index.html").read_text()
+    assert "rank8" in html and "HEAD" in html and "Perplexity on the eval split" in html
 
 
 def test_metrics_diff_shows_the_changed_metrics(project):
@@ -119,25 +125,3 @@ def test_zip_holds_a_loadable_adapter(project, tmp_path, tiny_model_dir):
     assert model.peft_config["default"].r == 8
     assert json.loads((tmp_path / "adapter/params.json").read_text())["lora"]["r"] == 8
     commit(project, "rank 8")
-
-
-def test_experiment_walkthrough_names_both_runs(project, tmp_path):
-    """The README's walk-through: dvc exp run -S, then exp show, metrics diff and plots diff name both runs (the
-    experiment runs up to the plot stage: the exports after it add nothing to what is compared here). It logs a train
-    loss every 5 optimizer steps and has fewer: its one train loss is logged at its last step, for the plot stage."""
-    run(project, "dvc", "exp", "run", "-n", "rank16", "-S", "lora.r=16", "-S", "train.logging_steps=5", "plot")
-    curve = (project / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
-    last_step = json.loads((project / "dvclive/metrics.json").read_text())["step"]
-    assert last_step < 5 and curve[1:] == [f"{last_step}\t{curve[1].split()[1]}"], curve  # one point, the last
-    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
-    names = json.dumps(shown)
-    head = run(project, "git", "rev-parse", "HEAD").stdout.strip()
-    assert "rank16" in names and head in names
-    diff = json.loads(run(project, "dvc", "metrics", "diff", "HEAD", "rank16", "--json").stdout)
-    assert (
-        diff["metrics/perplexity.json"]["finetuned.response"]["old"]
-        != diff["metrics/perplexity.json"]["finetuned.response"]["new"]
-    )
-    run(project, "dvc", "plots", "diff", "HEAD", "rank16", "-o", str(tmp_path / "diff"))
-    html = (tmp_path / "diff" / "index.html").read_text()
-    assert "rank16" in html and "HEAD" in html and "Perplexity on the eval split" in html

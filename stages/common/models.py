@@ -163,7 +163,9 @@ def load_base_model(params: ModelParams, shard_over: int = 1) -> Any:
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(params)
-    extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype]}
+    # use_kernels=False: transformers 5.2x, where the `kernels` package is installed, swaps layers for compiled
+    # kernels it downloads from the hub at load: code nobody pinned, and an error offline
+    extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype], "use_kernels": False}
     if quantization is not None:
         extra["quantization_config"] = quantization
     if shard_over > 1:  # transformers places each process's shard on its device itself

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import PipelineError
-from stages.common.io import check_json_value, read_jsonl
+from stages.common.io import check_json_value, read_jsonl, unreadable_json
 from stages.common.paths import inside_repository
 
 log = logging.getLogger("pipeline")
@@ -173,13 +173,11 @@ def _json_list_items(path: Path) -> Iterator[tuple[str, Any]]:
                     break
                 except json.JSONDecodeError as err:
                     if done:
-                        raise PipelineError(f"{where}: malformed JSON ({err.msg})") from None
+                        raise PipelineError(unreadable_json(err, where)) from None
                     read_size = max(read_size, 2 * len(text))  # a record larger than the read: double it
                     more()
-                except RecursionError:
-                    raise PipelineError(f"{where}: JSON nested too deeply") from None
-                except ValueError as err:  # e.g. an integer past int's digit limit
-                    raise PipelineError(f"{where}: unreadable JSON value ({str(err).splitlines()[0]})") from None
+                except (RecursionError, ValueError) as err:
+                    raise PipelineError(unreadable_json(err, where)) from None
             yield where, check_json_value(value, where)
             at = end
 

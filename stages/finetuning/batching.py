@@ -13,6 +13,7 @@ import torch
 
 from stages.common.models import autocast
 from stages.common.tokenized import Collator
+from stages.finetuning.output_head import OutputHead, batch_loss
 from stages.finetuning.packing import PackedRows, collator_for, pack
 from stages.finetuning.runtime import Runtime
 
@@ -81,19 +82,19 @@ class BatchShapes:
         return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def probe_step(model: Any, batch: dict[str, torch.Tensor], precision: str) -> None:
-    """One forward+backward on `batch` under the autocast the Trainer uses, in training mode (dropout on): a
-    compiled model compiles here the graph training runs."""
+def probe_step(model: Any, batch: dict[str, torch.Tensor], precision: str, head: OutputHead | None = None) -> None:
+    """One forward+backward on `batch` under the autocast the Trainer uses, in training mode (dropout on), its loss
+    computed as training computes it (`head`): a compiled model compiles here the graph training runs."""
     model.train()
     with autocast(precision, model.device.type):
-        loss = model(**batch).loss
+        loss = batch_loss(model, batch, head)
     loss.backward()
 
 
-def fits(model: Any, batch: dict[str, torch.Tensor], precision: str) -> bool:
+def fits(model: Any, batch: dict[str, torch.Tensor], precision: str, head: OutputHead | None = None) -> bool:
     """`probe_step`; False when the GPU runs out of memory."""
     try:
-        probe_step(model, batch, precision)
+        probe_step(model, batch, precision, head)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -109,6 +110,7 @@ def pick_micro_batch(
     runtime: Runtime,
     probe_batch: Callable[[int, torch.device], dict[str, torch.Tensor]],
     precision: str,
+    head: OutputHead | None = None,
 ) -> int:
     """`auto`: the largest divisor of the per-process batch whose largest batch (`probe_batch`) fits the GPU (all of
     it on CPU)."""
@@ -118,7 +120,7 @@ def pick_micro_batch(
     if not runtime.cuda:
         return per_process
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
-        if fits(model, probe_batch(micro, model.device), precision):
+        if fits(model, probe_batch(micro, model.device), precision, head):
             log.info("micro_batch_size auto -> %d", micro)
             return micro
     raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")

@@ -23,6 +23,7 @@ import torch
 
 from stages.common.models import AUTOCAST_DTYPES
 from stages.finetuning.compiled import transformer_blocks
+from stages.finetuning.output_head import without_labels
 from stages.finetuning.packed_attention import BOUND_LENGTHS, BOUND_TENSORS
 
 log = logging.getLogger("pipeline")
@@ -96,7 +97,7 @@ def _record_block_inputs(model: Any, batch: dict[str, Any], precision: str) -> l
     handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in transformer_blocks(model)]
     try:
         with torch.no_grad(), _autocast(precision):
-            model(**batch)
+            model(**without_labels(batch))
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from stages.common.fragile import limit_trainer_to_one_gpu
+from stages.common.models import AUTOCAST_DTYPES
 from stages.common.params import Params
 from stages.common.paths import CHECKPOINT_DIR, TOKENIZED_DIR
 from stages.common.tokenized import TokenizedMeta, TokenizedSplit, files_digest, load_meta, load_split, split_path
@@ -26,6 +27,7 @@ from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
 from stages.finetuning.guards import check_finite_weights, finite_loss_callback
 from stages.finetuning.live import short_run_callback
+from stages.finetuning.output_head import OutputHead, head_outside
 from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
 from stages.finetuning.timing import StepClock, step_profiler
@@ -67,17 +69,27 @@ class FitResult:
 
 
 def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: Any = None) -> FitResult:
-    """Train; `live` (a Trainer callback, main process only) gets the logged metrics as they come."""
+    """Train; `live` (a Trainer callback, main process only) gets the logged metrics as they come. The output head
+    works outside the model throughout, where it can (stages/finetuning/output_head.py)."""
     train = params.train
     if train.compile:  # the longest silent stretch of a GPU run otherwise
         graphs = " and records the CUDA graphs in step 2" if train.cuda_graphs else ""
         log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
+    sharded = runtime.shards_base(train.parallelism)
+    with head_outside(model, AUTOCAST_DTYPES.get(train.precision), sharded) as head:
+        return _fit(model, data, params, runtime, live, head)
+
+
+def _fit(
+    model: Any, data: TrainingData, params: Params, runtime: Runtime, live: Any, head: OutputHead | None
+) -> FitResult:
+    train = params.train
     probe_started = time.perf_counter()
     shapes = BatchShapes(data)
     if shapes.packed and train.packed_attention == "per_example":  # before the probe: it measures its memory
         use_for_packed_rows(model)
     micro = pick_micro_batch(
-        model, train.micro_batch_size, train.effective_batch_size, runtime, shapes.probe_batch, train.precision
+        model, train.micro_batch_size, train.effective_batch_size, runtime, shapes.probe_batch, train.precision, head
     )
     probe_seconds = time.perf_counter() - probe_started
     args = training_arguments(params, micro, runtime)
@@ -96,6 +108,7 @@ def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: 
     steady_from = max(profiler.first + profiler.count if profiler else 1, 2 if recorded_in_step_2 else 1)
     clock = StepClock(steady_from, runtime.cuda)
     trainer = build_trainer(model, args, shapes, micro, train.compile, [clock.callback, profiler, live])
+    trainer.use_output_head(head)
     if runtime.cuda:
         torch.cuda.reset_peak_memory_stats()  # the micro-batch probe is not part of training
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears stale checkpoints before others look

@@ -6,8 +6,9 @@ bench's profile: ~15 ms of a ~100 ms step).
 The packed collator (stages/finetuning/packing.py) passes each row's example bounds as `cu_seq_lens_q`/`_k`
 (transformers' names for them, which every model hands to its attention function) in a tensor of one fixed length per
 batch shape, and the row width as the longest a segment can be, so a CUDA graph recorded on one batch replays on the
-next. Anything else (evaluation's padded rows, float32 without autocast, dropout in attention, grouped key/value
-heads) runs SDPA as before.
+next. Grouped key/value heads (Llama 3's 8 for 32 query heads) go to the kernel as they are where this torch takes
+them (`enable_gqa`), repeated per query head where it does not. Anything else (evaluation's padded rows, float32
+without autocast, dropout in attention) runs SDPA as before.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def segment_bounds(rows: list[list[int]], slots: int) -> torch.Tensor:
 
 
 @functools.cache
-def _kernel() -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-    """The variable-length kernel and how this torch says causal: a window (-1, 0) from torch 2.10, is_causal in 2.9."""
+def _kernel() -> tuple[Callable[..., torch.Tensor], dict[str, Any], bool]:
+    """The variable-length kernel, how this torch says causal (a window (-1, 0) from torch 2.10, is_causal in 2.9),
+    and whether it takes fewer key/value heads than query heads."""
     from torch.nn.attention.varlen import varlen_attn
 
-    causal = "window_size" in inspect.signature(varlen_attn).parameters
-    return varlen_attn, {"window_size": (-1, 0)} if causal else {"is_causal": True}
+    accepted = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in accepted
 
 
 def attention(
@@ -63,18 +66,34 @@ def attention(
     head_dim) out."""
     bounds = kwargs.get(BOUND_TENSORS[0])
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    kernel_fits = query.is_cuda and dtype in (torch.float16, torch.bfloat16) and key.shape[1] == query.shape[1]
+    kernel_fits = query.is_cuda and dtype in (torch.float16, torch.bfloat16)
     if bounds is None or dropout > 0 or not kernel_fits:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows, heads, width, head_dim = query.shape
+    varlen_attn, causal, takes_groups = _kernel()
+    query, key, value, options = grouped_heads(query, key, value, takes_groups)
 
     def flat(states: torch.Tensor) -> torch.Tensor:
-        return states.transpose(1, 2).reshape(rows * width, heads, head_dim).to(dtype)
+        return states.transpose(1, 2).reshape(rows * width, states.shape[1], head_dim).to(dtype)
 
     longest = kwargs[BOUND_LENGTHS[0]]
-    varlen_attn, causal = _kernel()
-    out = varlen_attn(flat(query), flat(key), flat(value), bounds, bounds, longest, longest, scale=scaling, **causal)
+    out = varlen_attn(
+        flat(query), flat(key), flat(value), bounds, bounds, longest, longest, scale=scaling, **causal, **options
+    )
     return out.view(rows, width, heads, head_dim), None
+
+
+def grouped_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_takes_groups: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, bool]]:
+    """Key/value heads shared by groups of query heads: passed as they are to a kernel that takes them, else each
+    repeated for its group (the copy SDPA's own fallback makes)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return query, key, value, {}
+    if kernel_takes_groups:
+        return query, key, value, {"enable_gqa": True}
+    return query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), {}
 
 
 def available(device: torch.device) -> bool:

@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from stages.common.loss import next_token_losses
 from stages.common.tokenized import IGNORE_INDEX
+from stages.finetuning.output_head import OutputHead
 
 
 def eval_passes(rows: int, processes: int, batch: int) -> int:
@@ -30,9 +31,25 @@ class TokenWeightedTrainer(Trainer):
     each rank's loss by the rank's share of tokens and then drops the last batch's padding rows, which skews the
     mean (the same adapter scored 10.85 on one process and 10.95 on two).
     Evaluation collates with `eval_collator` when one is set (packed rows pass their positions and example bounds).
+    With `output_head` set, the model returns hidden states and both losses go through the head outside it
+    (stages/finetuning/output_head.py).
     """
 
     eval_collator: Any = None
+    output_head: OutputHead | None = None
+
+    def use_output_head(self, head: OutputHead | None) -> None:
+        """Training's loss through `head`: the sum over labelled positions over the Trainer's `num_items_in_batch`,
+        the division the model's own loss makes (the Trainer scales it for accumulation and processes as before)."""
+        self.output_head = head
+        if head is None:
+            return
+
+        def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+            total, count = head.losses(outputs.logits, labels)
+            return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+
+        self.compute_loss_func = loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Length-grouped batches from the split's stored lengths: the stock sampler would read every row to measure
@@ -70,10 +87,13 @@ class TokenWeightedTrainer(Trainer):
                 batch = collate(part or rows[:size])
                 labels = batch.pop("labels").to(device)
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                logits = self.model(**inputs).logits
-                labelled = (labels[:, 1:] != IGNORE_INDEX).sum()
+                outputs = self.model(**inputs).logits
+                if self.output_head is not None:
+                    summed, labelled = self.output_head.losses(outputs, labels)
+                else:
+                    summed, labelled = next_token_losses(outputs, labels).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
                 if part:
-                    totals += torch.stack([next_token_losses(logits, labels).sum(), labelled.float()])
+                    totals += torch.stack([summed, labelled.float()])
         self.model.train(was_training)
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")

@@ -1,0 +1,229 @@
+"""Long-context GPU profile: a Llama-3-8B-shaped base, 4-bit, rows of 2,048 tokens, the pipeline against TRL.
+
+    python bench/finetune_speed.py --save-tokenizer .bench/tokenizer        # here; carry it to the GPU machine
+    python bench/long_context.py --tokenizer .bench/tokenizer --peers-site /tmp/peers   # one GPU
+    python bench/long_context.py --smoke       # CPU check of the script itself: tiny Llama, a few records
+
+The base is Llama-3-8B's configuration (meta-llama/Meta-Llama-3-8B's config.json: 32 layers of 4,096, 8 key/value
+heads for 32 query heads, MLP 14,336, vocabulary 128,256, rope theta 500,000) with random weights, saved once as a
+bf16 folder and loaded in 4-bit (nf4, bf16 compute) by both rows. SmolLM2's tokenizer stands in for Llama 3's (the
+hub is out of reach); its ids all fall inside the vocabulary.
+
+The data: 2,000 training and 200 evaluation records, Alpaca-shaped. Each answer's length in words is drawn from a
+log-normal distribution (median 120 words, sigma 1.2, seeded), so most answers are a few hundred tokens and about 3 in
+100 run past the 2,048-token row and are cut. The words are the bundled seed tasks' answers, read in a cycle.
+
+Rows, each a whole epoch in the same process tree on the same GPU:
+- the pipeline: the finetune stage with profiles/seed.yaml and `model.quantization: nf4`, `tokenize.max_length:
+  2048`, 16 packed rows per optimizer step, the micro-batch picked under a 24 GiB budget (`train.gpu_memory_gib`);
+  its eval loss is the stage's own (answer tokens, token-weighted). Should the seed profile not fit, the row runs
+  again with activation checkpointing on.
+- TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
+  and 16 rows per step; scored on the pipeline's tokenized eval split with the same definition.
+Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`, and the ratios the issue asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from finetune_speed import Pipeline, result_stem  # noqa: E402
+
+from stages.common.tokenized import load_meta, load_split  # noqa: E402
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    tie_word_embeddings=False,
+)
+SMOKE_SHAPE = LLAMA3_8B | dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+MAX_LENGTH, ROWS_PER_STEP, GPU_BUDGET_GIB = 2048, 16, 24
+TRAIN_RECORDS, EVAL_RECORDS, SMOKE_RECORDS = 2000, 200, (24, 6)
+MEDIAN_WORDS, SIGMA = 120, 1.2
+MODEL_LINK = "models/base/random-llama3-8b"
+PROFILE = {
+    "data.source": "data/raw/long.jsonl",
+    "data.format": "alpaca",
+    "model.quantization": "nf4",
+    "tokenize.max_length": MAX_LENGTH,
+    "train.effective_batch_size": ROWS_PER_STEP,
+    "train.gpu_memory_gib": GPU_BUDGET_GIB,
+}
+CHECKPOINTING = {"train.gradient_checkpointing": True}
+
+
+def build_random_llama(folder: Path, tokenizer_dir: Path, smoke: bool) -> None:
+    """Llama-3-8B's configuration with random weights, saved in bf16 (float32 for the smoke run)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = LlamaConfig(**(SMOKE_SHAPE if smoke else LLAMA3_8B), **special)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(torch.float32 if smoke else torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def long_tailed_records(count: int, seed: int) -> list[dict[str, str]]:
+    """`count` Alpaca records whose answers are log-normally long (module docstring), each instruction numbered."""
+    tasks = [json.loads(line) for line in (REPO / "data/raw/seed_tasks_alpaca.jsonl").read_text().splitlines()]
+    words = " ".join(task["output"] for task in tasks).split()
+    rng = random.Random(seed)
+    records = []
+    for number in range(count):
+        task = tasks[number % len(tasks)]
+        length = max(1, round(rng.lognormvariate(math.log(MEDIAN_WORDS), SIGMA)))
+        start = rng.randrange(len(words))
+        answer = " ".join(words[(start + i) % len(words)] for i in range(length))
+        records.append({"instruction": f"{task['instruction']} ({number})", "input": task["input"], "output": answer})
+    return records
+
+
+def pipeline_row(pipe: Pipeline, train_records: int) -> dict[str, Any]:
+    """The finetune stage's whole epoch; with activation checkpointing if the seed profile does not fit the budget."""
+    for label, overrides in (("pipeline, seed profile", {}), ("pipeline, activation checkpointing", CHECKPOINTING)):
+        try:
+            row = pipe.finetune(label, overrides, profile=False)
+        except SystemExit as err:
+            print(f"{label} failed: {err}", flush=True)
+            continue
+        row["records"] = train_records
+        return row
+    raise SystemExit("no pipeline row ran")
+
+
+def summary(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    lines = [f"{'row':40} {'epoch s':>8} {'steps':>5} {'s/step':>7} {'peak GiB':>8} {'eval loss':>9} {'tokens/s':>8}"]
+    for name, row in rows.items():
+        lines.append(
+            f"{name:40} {row['epoch_s']:>8.1f} {row['steps']:>5} {row['s_per_step']:>7.2f} {row['peak_gib']:>8.2f} "
+            f"{row['eval_loss']:>9.4f} {report['profile']['train_tokens'] / row['epoch_s']:>8.0f}"
+        )
+    if {"pipeline", "trl"} <= rows.keys():
+        lines.append(
+            f"pipeline vs TRL: epoch {report['speedup_vs_trl']:.2f}x, peak memory {report['peak_vs_trl']:.2f}x, "
+            f"eval loss {report['eval_loss_difference']:+.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, default=REPO / ".bench/tokenizer", help="a saved tokenizer folder")
+    parser.add_argument("--peers-site", type=Path, help="folder holding TRL and datasets installed apart")
+    parser.add_argument("--work", type=Path, default=REPO / ".bench/long")
+    parser.add_argument("--out", type=Path, help="default: bench/results/long_context_<gpu>_<date>.json")
+    parser.add_argument("--skip", default="", help="rows to leave out: pipeline, trl")
+    parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: checks the script, not speed")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out = args.out or REPO / f"bench/results/{result_stem('long_context', args.smoke)}.json"
+
+    model_dir = args.work / ("random-llama3-smoke" if args.smoke else "random-llama3-8b")
+    started = time.perf_counter()
+    build_random_llama(model_dir, args.tokenizer, args.smoke)
+    print(f"model ready in {time.perf_counter() - started:.0f} s", flush=True)
+
+    train_count, eval_count = SMOKE_RECORDS if args.smoke else (TRAIN_RECORDS, EVAL_RECORDS)
+    profile = PROFILE | {"data.train_size": train_count, "data.eval_size": eval_count}
+    if args.smoke:
+        profile |= {"tokenize.max_length": 256, "train.effective_batch_size": 4, "model.quantization": "none"}
+    pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, model_link=MODEL_LINK)
+    raw = pipe.root / "data/raw/long.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps(r) + "\n" for r in long_tailed_records(train_count + eval_count, seed=7)))
+    pipe.run("prepare_subset", {})
+    pipe.run("tokenize", {})
+    pipe.tokenized_with = json.dumps({})  # the rows below train on these splits as they are
+    meta = load_meta(pipe.root / "data/tokenized")
+    train_split = load_split("train", meta, pipe.root / "data/tokenized")
+    eval_split = load_split("eval", meta, pipe.root / "data/tokenized")
+    lengths = train_split.lengths
+    report: dict[str, Any] = {
+        "device": device,
+        "command": "python bench/long_context.py " + " ".join(sys.argv[1:]),
+        "profile": {
+            "base": "Llama-3-8B configuration, random weights, nf4 4-bit, bf16 compute",
+            "max_length": pipe.params({})["tokenize"]["max_length"],
+            "records": {"train": len(train_split), "eval": len(eval_split)},
+            "answer_words": f"log-normal, median {MEDIAN_WORDS}, sigma {SIGMA}, seed 7",
+            "train_tokens": int(lengths.sum()),
+            "example_tokens": {
+                "median": int(sorted(lengths)[len(lengths) // 2]),
+                "p95": int(sorted(lengths)[int(len(lengths) * 0.95)]),
+                "max": int(lengths.max()),
+                "cut_at_max_length": int((lengths >= pipe.params({})["tokenize"]["max_length"]).sum()),
+            },
+            "rows_per_step": profile["train.effective_batch_size"],
+            "lora": "r 4, alpha 8, dropout 0.05, peft's default targets (q_proj, v_proj)",
+        },
+        "rows": {},
+    }
+
+    def save() -> None:
+        rows = report["rows"]
+        if {"pipeline", "trl"} <= rows.keys():
+            report["speedup_vs_trl"] = rows["trl"]["epoch_s"] / rows["pipeline"]["epoch_s"]
+            report["peak_vs_trl"] = rows["pipeline"]["peak_gib"] / max(rows["trl"]["peak_gib"], 1e-9)
+            report["eval_loss_difference"] = rows["pipeline"]["eval_loss"] - rows["trl"]["eval_loss"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\ndevice: {device}\n{summary(report)}", flush=True)
+
+    if "pipeline" not in skip:
+        row = pipeline_row(pipe, len(train_split))
+        keep = ("variant", "epoch_s", "steps", "s_per_step", "first_step_s", "probe_s", "graphs_s", "eval_s",
+                "micro_batch_size", "peak_gib", "train_loss", "eval_loss", "load_s")  # fmt: skip
+        report["rows"]["pipeline"] = {key: row[key] for key in keep}
+        save()
+    if "trl" not in skip:
+        if args.peers_site:  # TRL's packages for this process only: the stage imports what a user's would
+            sys.path.insert(0, str(args.peers_site))
+        from peers import trl_packed_epoch
+
+        subset = pipe.root / "data/subset/train.jsonl"
+        train = [json.loads(line) for line in subset.open()]
+        report["rows"]["trl"] = trl_packed_epoch(
+            model_dir, train, eval_split, report["profile"]["max_length"], profile["train.effective_batch_size"],
+            args.smoke,
+        )  # fmt: skip
+        save()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
