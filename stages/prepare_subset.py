@@ -51,13 +51,15 @@ def content_key(record: dict[str, Any]) -> int:
 
 
 class RecordPool:
-    """The source's records spilled to an unnamed temporary file as the JSON lines the subset files hold; in memory
-    only each record's offset and content hash, 16 bytes a record (a million records: 16 MB)."""
+    """The source's records spilled to an unnamed temporary file as the JSON lines the subset files hold. In memory
+    while reading: each record's length in bytes and content hash, 12 bytes a record; after `unique`, only the
+    unique records' start offsets, 8 bytes each (a million records: 12 MB, then 8)."""
 
     def __init__(self, directory: Path | None = None):
         self.file = tempfile.TemporaryFile(dir=directory)
-        self.offsets = array("q")
+        self.lengths = array("I")
         self.keys = array("Q")
+        self.starts = np.empty(0, dtype=np.int64)
 
     def __enter__(self) -> RecordPool:
         return self
@@ -66,28 +68,74 @@ class RecordPool:
         self.file.close()
 
     def add(self, record: dict[str, Any]) -> None:
-        self.offsets.append(self.file.tell())
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        if len(line) >= 2**32:
+            raise PipelineError(f"record {len(self.keys) + 1} of data.source holds {len(line):,} bytes: over 4 GiB")
+        self.lengths.append(len(line))
         self.keys.append(content_key(record))
-        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.file.write(line)
 
-    def unique(self) -> np.ndarray:
-        """Positions of the first of each group of records with the same content, in source order. A duplicate could
-        otherwise land in train and eval both, and the held-out figures would score memorised rows."""
-        _, first = np.unique(np.frombuffer(self.keys, dtype=np.uint64), return_index=True)
-        first.sort()
-        if len(first) < len(self.keys):
-            log.info("removed %d duplicate records (the same text throughout)", len(self.keys) - len(first))
-        return first
+    def unique(self) -> int:
+        """Keep the first of each group of records with the same content, in source order, and return how many there
+        are (`line` reads them by rank). A duplicate could otherwise land in train and eval both, and the held-out
+        figures would score memorised rows."""
+        duplicate = _later_duplicates(np.frombuffer(self.keys, dtype=np.uint64))
+        self.keys = array("Q")  # the hashes are done with: their 8 bytes a record go back before the offsets come
+        self.starts = _kept_starts(np.frombuffer(self.lengths, dtype=np.uint32), ~duplicate)
+        self.lengths = array("I")
+        removed = len(duplicate) - len(self.starts)
+        if removed:
+            log.info("removed %d duplicate records (the same text throughout)", removed)
+        return len(self.starts)
 
-    def line(self, index: int) -> bytes:
-        self.file.seek(self.offsets[index])
+    def line(self, rank: int) -> bytes:
+        """The `rank`-th unique record's JSON line."""
+        self.file.seek(int(self.starts[rank]))
         return self.file.readline()
+
+
+BUCKET_BITS = 8  # duplicates are looked for among keys that share their top byte: 1/256 of the keys at a time
+
+
+def _later_duplicates(keys: np.ndarray) -> np.ndarray:
+    """True for every key that an earlier position already holds. Sorting all keys at once takes 3-4 copies of them
+    (np.unique); a bucket of keys with the same top byte at a time takes 1/256 of that."""
+    duplicate = np.zeros(len(keys), dtype=bool)
+    buckets = np.empty(len(keys), dtype=np.uint8)
+    for start in range(0, len(keys), CHUNK):
+        buckets[start : start + CHUNK] = keys[start : start + CHUNK] >> np.uint64(64 - BUCKET_BITS)
+    for bucket in range(2**BUCKET_BITS):
+        members = np.flatnonzero(buckets == bucket)
+        if len(members) < 2:
+            continue
+        order = np.argsort(keys[members], kind="stable")  # equal keys stay in source order: the first comes first
+        ranked = keys[members[order]]
+        repeats = np.flatnonzero(ranked[1:] == ranked[:-1]) + 1
+        duplicate[members[order[repeats]]] = True
+    return duplicate
+
+
+CHUNK = 1 << 16  # records per step of the chunked passes: their temporaries stay under a megabyte
+
+
+def _kept_starts(lengths: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Byte offsets in the spill file of the `kept` records, from every record's length, a chunk at a time."""
+    starts = np.empty(int(kept.sum()), dtype=np.int64)
+    done, base = 0, 0
+    for start in range(0, len(lengths), CHUNK):
+        sizes = lengths[start : start + CHUNK].astype(np.int64)
+        offsets = base + np.cumsum(sizes) - sizes
+        chosen = offsets[kept[start : start + CHUNK]]
+        starts[done : done + len(chosen)] = chosen
+        done += len(chosen)
+        base += int(sizes.sum())
+    return starts
 
 
 def shuffled(count: int, seed: int) -> array:
     """0..count-1 in the order `random.Random(seed).shuffle` puts a list of them (the same Fisher-Yates draws), kept
-    in an array of 8-byte integers rather than a list of Python ints (a million: 8 MB, not 36)."""
-    order = array("q", range(count))
+    in an array of 4-byte integers rather than a list of Python ints (a million: 4 MB, not 36)."""
+    order = array("i" if count < 2**31 else "q", range(count))
     below = random.Random(seed)._randbelow  # what Random.shuffle draws with
     for i in reversed(range(1, count)):
         j = below(i + 1)
@@ -122,25 +170,24 @@ def subset_order(unique: int, params: DataParams, source: str) -> tuple[array, a
     return order[:train], order[train : train + held_out]
 
 
-def drawn(pool: RecordPool, records: Iterable[dict], data: DataParams) -> tuple[np.ndarray, array, array]:
-    """Every record into `pool`, then (the unique records' positions, the train order, the eval order over them)."""
+def drawn(pool: RecordPool, records: Iterable[dict], data: DataParams) -> tuple[array, array]:
+    """Every record into `pool`, then (the train order, the eval order) over its unique records."""
     for record in records:
         pool.add(record)
-    unique = pool.unique()
-    return (unique, *subset_order(len(unique), data, data.source))
+    return subset_order(pool.unique(), data, data.source)
 
 
 def split_records(records: Iterable[dict], params: DataParams) -> tuple[list[dict], list[dict]]:
     """(train, eval) records of `records`, as prepare_subset draws them."""
     with RecordPool() as pool:
-        unique, train, held_out = drawn(pool, records, params)
-        return [json.loads(pool.line(unique[i])) for i in train], [json.loads(pool.line(unique[i])) for i in held_out]
+        train, held_out = drawn(pool, records, params)
+        return [json.loads(pool.line(i)) for i in train], [json.loads(pool.line(i)) for i in held_out]
 
 
-def write_lines(path: Path, pool: RecordPool, unique: np.ndarray, order: array) -> None:
+def write_lines(path: Path, pool: RecordPool, order: array) -> None:
     with path.open("wb") as out:
-        for position in order:
-            out.write(pool.line(int(unique[position])))
+        for rank in order:
+            out.write(pool.line(rank))
 
 
 def main() -> None:
@@ -148,9 +195,9 @@ def main() -> None:
     data = params.data
     with atomic_path(SUBSET_DIR, directory=True) as tmp, RecordPool(tmp) as pool:
         records = iter_records(data.source, data.split, data.revision, data.format)
-        unique, train, held_out = drawn(pool, tqdm(records, desc="read", unit=" records"), data)
-        write_lines(tmp / "train.jsonl", pool, unique, train)
-        write_lines(tmp / "eval.jsonl", pool, unique, held_out)
+        train, held_out = drawn(pool, tqdm(records, desc="read", unit=" records"), data)
+        write_lines(tmp / "train.jsonl", pool, train)
+        write_lines(tmp / "eval.jsonl", pool, held_out)
         write_json(tmp / SUBSET_SOURCE.name, params.sections("data")["data"])
     log.info("%d train / %d eval records -> %s", len(train), len(held_out), SUBSET_DIR)
 

@@ -1,6 +1,7 @@
 import json
 import random
 
+import numpy as np
 import pytest
 
 from stages.common.errors import PipelineError
@@ -162,6 +163,24 @@ def test_duplicates_never_straddle_the_split(records, caplog):
     assert "removed 6 duplicate records" in caplog.text
 
 
+def test_the_first_of_each_duplicate_is_kept_bucket_by_bucket_and_chunk_by_chunk(monkeypatch):
+    """The memory-lean dedupe (keys compared a bucket of equal top bytes at a time, offsets summed a chunk at a
+    time) keeps exactly what np.unique's first occurrences keep, at the offsets the lengths add up to."""
+    from stages import prepare_subset
+
+    monkeypatch.setattr(prepare_subset, "CHUNK", 7)  # chunks that cut through the data
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 2**64, size=300, dtype=np.uint64, endpoint=False)
+    keys = distinct[rng.integers(0, len(distinct), size=2000)]  # every key several times, in random places
+    keys[:5] = keys[100]  # a run of copies at the start too
+    _, first = np.unique(keys, return_index=True)
+    kept = ~prepare_subset._later_duplicates(keys)
+    assert np.flatnonzero(kept).tolist() == sorted(first.tolist())
+    lengths = rng.integers(1, 10_000, size=len(keys)).astype(np.uint32)
+    offsets = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]])
+    assert prepare_subset._kept_starts(lengths, kept).tolist() == offsets[kept].tolist()
+
+
 def test_unique_records_only_shrinks_the_pool_for_real_duplicates(records):
     with pytest.raises(PipelineError, match=r"= 13 is more than the 12 unique records"):
         split_records(records + records[:3], DataParams("x", "auto", None, "train", 10, 3, seed=0))
@@ -175,7 +194,7 @@ def test_conversations_differing_only_in_case_and_spacing_are_one_example():
 
 
 def test_the_subset_order_is_the_shuffle_of_earlier_versions_in_an_array():
-    """The order is kept in an 8-byte array (a million records: 8 MB, not a list's 36) but drawn exactly as
+    """The order is kept in an array of 4-byte integers (a million records: 4 MB, not a list's 36) but drawn exactly as
     random.Random(seed).shuffle draws it, so a subset drawn before is drawn again."""
     from stages.prepare_subset import shuffled
 
