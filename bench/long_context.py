@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,21 +173,22 @@ def main() -> None:
     meta = load_meta(pipe.root / "data/tokenized")
     train_split = load_split("train", meta, pipe.root / "data/tokenized")
     eval_split = load_split("eval", meta, pipe.root / "data/tokenized")
-    lengths = train_split.lengths
+    lengths = np.sort(train_split.lengths)
+    max_length = pipe.params({})["tokenize"]["max_length"]
     report: dict[str, Any] = {
         "device": device,
         "command": "python bench/long_context.py " + " ".join(sys.argv[1:]),
         "profile": {
             "base": "Llama-3-8B configuration, random weights, nf4 4-bit, bf16 compute",
-            "max_length": pipe.params({})["tokenize"]["max_length"],
+            "max_length": max_length,
             "records": {"train": len(train_split), "eval": len(eval_split)},
             "answer_words": f"log-normal, median {MEDIAN_WORDS}, sigma {SIGMA}, seed 7",
             "train_tokens": int(lengths.sum()),
             "example_tokens": {
-                "median": int(sorted(lengths)[len(lengths) // 2]),
-                "p95": int(sorted(lengths)[int(len(lengths) * 0.95)]),
-                "max": int(lengths.max()),
-                "cut_at_max_length": int((lengths >= pipe.params({})["tokenize"]["max_length"]).sum()),
+                "median": int(lengths[len(lengths) // 2]),
+                "p95": int(lengths[int(len(lengths) * 0.95)]),
+                "max": int(lengths[-1]),
+                "cut_at_max_length": int((lengths >= max_length).sum()),
             },
             "rows_per_step": profile["train.effective_batch_size"],
             "lora": "r 4, alpha 8, dropout 0.05, peft's default targets (q_proj, v_proj)",
@@ -218,7 +220,7 @@ def main() -> None:
         subset = pipe.root / "data/subset/train.jsonl"
         train = [json.loads(line) for line in subset.open()]
         report["rows"]["trl"] = trl_packed_epoch(
-            model_dir, train, eval_split, report["profile"]["max_length"], profile["train.effective_batch_size"],
+            model_dir, train, eval_split, max_length, profile["train.effective_batch_size"],
             args.smoke,
         )  # fmt: skip
         save()

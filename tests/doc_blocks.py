@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import REPO
 from tests.dvc_project import env
@@ -68,7 +70,7 @@ def labelled(page: str, label: str) -> Block:
     raise LookupError(f"{page} has no block labelled {label}")
 
 
-def run_block(root: Path, page: str, label: str, after: dict[str, callable] | None = None) -> list[str]:
+def run_block(root: Path, page: str, label: str, after: dict[str, Callable[[Path], Any]] | None = None) -> list[str]:
     """Run the commands of the block `label` of `page` in `root`, one at a time as a user types them (each must
     succeed); `after` maps a command's first words to a function called with `root` once it ran (to wait for a
     queue, say). Returns each command's output."""
