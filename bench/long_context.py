@@ -13,13 +13,16 @@ The data: 2,000 training and 200 evaluation records, Alpaca-shaped. Each answer'
 log-normal distribution (median 120 words, sigma 1.2, seeded), so most answers are a few hundred tokens and about 3 in
 100 run past the 2,048-token row and are cut. The words are the bundled seed tasks' answers, read in a cycle.
 
-Rows, each a whole epoch in the same process tree on the same GPU:
+Rows, each a whole epoch in the same process tree on the same GPU, from the same 4-bit weights (nf4 without double
+quantization, bf16 compute):
 - the pipeline: the finetune stage with profiles/seed.yaml and `model.quantization: nf4`, `tokenize.max_length:
-  2048`, 16 packed rows per optimizer step, the micro-batch picked under a 24 GiB budget (`train.gpu_memory_gib`);
-  its eval loss is the stage's own (answer tokens, token-weighted). Should the seed profile not fit, the row runs
-  again with activation checkpointing on.
+  2048`, 16 packed rows per optimizer step, the micro-batch picked under a 24 GiB budget (`train.gpu_memory_gib`).
+  Should the seed profile not fit, the row runs again with activation checkpointing on.
 - TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
-  and 16 rows per step; scored on the pipeline's tokenized eval split with the same definition.
+  and 16 rows per step.
+Every eval loss (the untrained base's, each row's) comes from one scorer, peers.answer_loss: token-weighted over the
+answer tokens of the pipeline's tokenized eval split, each record padded apart, as evaluate_ppl scores. The stage's
+own eval loss (packed rows) is kept as `eval_loss_stage`.
 Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`, and the ratios the issue asks for.
 """
 
@@ -125,6 +128,23 @@ def pipeline_row(pipe: Pipeline, train_records: int) -> dict[str, Any]:
     raise SystemExit("no pipeline row ran")
 
 
+def scored_pipeline(pipe: Pipeline, model_dir: Path, eval_split: Any, max_length: int, smoke: bool) -> dict:
+    """The base's and the pipeline adapter's eval loss, scored by the scorer TRL's row gets (peers.answer_loss) on
+    the base loaded as both rows load it: the rows differ in training only."""
+    from peers import answer_loss, peer_model
+    from peft import PeftModel
+
+    tokenizer, base = peer_model(model_dir, quantized=True, smoke=smoke, double_quant=False)
+    model = PeftModel.from_pretrained(base, pipe.root / "models/adapter")
+    with model.disable_adapter():
+        base_loss = answer_loss(model, tokenizer, eval_split, max_length, smoke, "base eval loss")
+    tuned_loss = answer_loss(model, tokenizer, eval_split, max_length, smoke, "pipeline eval loss")
+    del model, base
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"base": base_loss, "pipeline": tuned_loss}
+
+
 def summary(report: dict[str, Any]) -> str:
     rows = report["rows"]
     lines = [f"{'row':40} {'epoch s':>8} {'steps':>5} {'s/step':>7} {'peak GiB':>8} {'eval loss':>9} {'tokens/s':>8}"]
@@ -133,6 +153,8 @@ def summary(report: dict[str, Any]) -> str:
             f"{name:40} {row['epoch_s']:>8.1f} {row['steps']:>5} {row['s_per_step']:>7.2f} {row['peak_gib']:>8.2f} "
             f"{row['eval_loss']:>9.4f} {report['profile']['train_tokens'] / row['epoch_s']:>8.0f}"
         )
+    if "base_eval_loss" in report["profile"]:
+        lines.append(f"untrained base: eval loss {report['profile']['base_eval_loss']:.4f}")
     if {"pipeline", "trl"} <= rows.keys():
         lines.append(
             f"pipeline vs TRL: epoch {report['speedup_vs_trl']:.2f}x, peak memory {report['peak_vs_trl']:.2f}x, "
@@ -211,6 +233,9 @@ def main() -> None:
         keep = ("variant", "epoch_s", "steps", "s_per_step", "first_step_s", "probe_s", "graphs_s", "eval_s",
                 "micro_batch_size", "peak_gib", "train_loss", "eval_loss", "load_s")  # fmt: skip
         report["rows"]["pipeline"] = {key: row[key] for key in keep}
+        scored = scored_pipeline(pipe, model_dir, eval_split, max_length, args.smoke)
+        report["rows"]["pipeline"] |= {"eval_loss_stage": row["eval_loss"], "eval_loss": scored["pipeline"]}
+        report["profile"]["base_eval_loss"] = scored["base"]
         save()
     if "trl" not in skip:
         if args.peers_site:  # TRL's packages for this process only: the stage imports what a user's would

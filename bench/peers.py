@@ -62,8 +62,9 @@ def prompt_completion(records: list[dict[str, str]]) -> Any:
     )
 
 
-def peer_model(model_dir: Path, quantized: bool, smoke: bool) -> tuple[Any, Any]:
-    """Tokenizer and base as a TRL user loads them: QLoRA's nf4 with double quantization and bf16 compute, or bf16."""
+def peer_model(model_dir: Path, quantized: bool, smoke: bool, double_quant: bool = True) -> tuple[Any, Any]:
+    """Tokenizer and base as a TRL user loads them: QLoRA's nf4 with double quantization and bf16 compute, or bf16.
+    `double_quant` False: the pipeline's own 4-bit load (nf4 without it), where a row must start from its weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": torch.float32 if smoke else torch.bfloat16}
@@ -74,7 +75,7 @@ def peer_model(model_dir: Path, quantized: bool, smoke: bool) -> tuple[Any, Any]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_use_double_quant=double_quant,
         )
     return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
@@ -152,15 +153,14 @@ def trl_packed_epoch(
     """TRL as its documentation sets it up for long examples: its own packing (best-fit decreasing into rows of
     `max_length`, padding-free), its defaults for the micro-batch (8 rows) and activation checkpointing (on), the
     recipe's LoRA and optimizer, `rows_per_step` packed rows per optimizer step, one whole epoch timed end to end.
-    Its eval loss is scored on `eval_rows` (the pipeline's tokenized eval split) with the function evaluate_ppl uses:
-    token-weighted over answer tokens, the pipeline's own eval loss."""
+    The base is loaded as the pipeline loads it (nf4, no double quantization), so both start from the same weights;
+    its eval loss is `answer_loss` on `eval_rows` (the pipeline's tokenized eval split), as the pipeline's is."""
     from peft import LoraConfig
     from transformers import TrainingArguments
     from trl import SFTConfig, SFTTrainer
 
-    from stages.common.perplexity import perplexities
-
-    tokenizer, model = peer_model(model_dir, quantized=True, smoke=smoke)
+    # the pipeline's 4-bit load, not QLoRA's double quantization: both rows train from the same weights
+    tokenizer, model = peer_model(model_dir, quantized=True, smoke=smoke, double_quant=False)
     micro = TrainingArguments.per_device_train_batch_size  # the dataclass default TRL keeps: 8
     config = SFTConfig(
         output_dir=str(model_dir.parent / "trl-packed-out"),
@@ -190,16 +190,11 @@ def trl_packed_epoch(
     sync()
     epoch_s = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    trained = trainer.model
-    trained.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=not smoke):
-        scored = perplexities(trained, list(eval_rows), pad, max_length, batch_size=4, desc="TRL eval loss")
+    loss = answer_loss(trainer.model, tokenizer, eval_rows, max_length, smoke, "TRL eval loss")
     eval_s = time.perf_counter() - started
     steps = result.global_step
-    del trainer, model, trained
+    del trainer, model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {
@@ -207,10 +202,23 @@ def trl_packed_epoch(
         "steps": steps,
         "s_per_step": epoch_s / max(steps, 1),
         "train_loss": result.training_loss,
-        "eval_loss": math.log(scored["perplexity"]["response"]),
+        "eval_loss": loss,
         "eval_s": eval_s,
         "peak_gib": peak,
         "micro_batch_size": micro,
         "gradient_checkpointing": config.gradient_checkpointing,
         "setup": "TRL SFTTrainer, packing bfd (padding-free), nf4 double-quant, bf16, SDPA",
     }
+
+
+def answer_loss(model: Any, tokenizer: Any, eval_rows: Any, max_length: int, smoke: bool, desc: str) -> float:
+    """Token-weighted loss over the answer tokens of `eval_rows`, scored as evaluate_ppl scores (each row padded
+    apart, 4 per pass, bf16 autocast on a GPU): one scorer for every row of a comparison."""
+    from stages.common.perplexity import perplexities
+
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=not smoke):
+        scored = perplexities(model, list(eval_rows), pad, max_length, batch_size=4, desc=desc)
+    return math.log(scored["perplexity"]["response"])

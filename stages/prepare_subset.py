@@ -108,8 +108,9 @@ def _later_duplicates(keys: np.ndarray) -> np.ndarray:
         members = np.flatnonzero(buckets == bucket)
         if len(members) < 2:
             continue
-        order = np.argsort(keys[members], kind="stable")  # equal keys stay in source order: the first comes first
-        ranked = keys[members[order]]
+        bucket_keys = keys[members]
+        order = np.argsort(bucket_keys, kind="stable")  # equal keys stay in source order: the first comes first
+        ranked = bucket_keys[order]
         repeats = np.flatnonzero(ranked[1:] == ranked[:-1]) + 1
         duplicate[members[order[repeats]]] = True
     return duplicate

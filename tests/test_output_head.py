@@ -1,4 +1,4 @@
-"""The output head outside the model (stages/finetuning/output_head.py): the same loss and gradients as the model's
+"""The output head outside the model (stages/common/output_head.py): the same loss and gradients as the model's
 own loss over the whole logits, chunk by chunk, in training and in the Trainer's evaluation; left in place where
 moving it would change the result."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+from stages.common import output_head
+from stages.common.output_head import batch_loss, head_outside
 from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta
-from stages.finetuning import output_head
-from stages.finetuning.output_head import batch_loss, head_outside
 from stages.finetuning.trainer import TokenWeightedTrainer
 
 META = TokenizedMeta(pad_token_id=0, max_length=64, loss_mask="completion", padding="longest", template="alpaca")

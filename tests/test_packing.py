@@ -12,7 +12,7 @@ import torch
 
 from stages.common.tokenized import IGNORE_INDEX, Collator, TokenizedMeta, TokenizedSplit
 from stages.finetuning.packing import PackCollator, best_fit_packs, collator_for, pack
-from tests.conftest import store_split
+from tests.conftest import store_split, stored_training_data
 
 META = TokenizedMeta(pad_token_id=0, max_length=32, loss_mask="completion", padding="packed", template="alpaca")
 
@@ -48,6 +48,8 @@ def test_one_long_example_widens_no_row_but_its_own():
     assert width == 120  # the fullest row: twelve examples of 10, or the one of 120
     assert sorted(len(p) for p in rows.packs) == [1, 4, *[12] * 5]  # 12 of 10 tokens fill a 128 row; the 120 alone
     assert [lengths[i] for i in rows.packs[0]] == [120]
+    assert rows.totals.tolist() == [sum(lengths[i] for i in p) for p in rows.packs]  # each row's tokens
+    assert rows[2:5].totals.tolist() == rows.totals[2:5].tolist() and rows[2:5].packs == rows.packs[2:5]
 
 
 def test_packed_rows_share_one_width_that_fits_the_fullest(tmp_path):
@@ -203,3 +205,18 @@ def test_finetune_trains_on_packed_rows_under_dvc_repro(tmp_path, tiny_model_dir
     live = json.loads((root / "dvclive/metrics.json").read_text())
     assert math.isfinite(live["eval"]["loss"]) and math.isfinite(live["train"]["loss"])
     assert (root / "models/adapter/adapter_model.safetensors").is_file()
+
+
+def test_the_micro_batch_probe_takes_the_fullest_packed_rows(tmp_path):
+    """`auto` sizes the micro-batch on the largest batch training meets: the `micro` rows holding the most tokens."""
+    from stages.finetuning.batching import BatchShapes
+
+    data = stored_training_data(tmp_path, META, example_rows(60, seed=3), example_rows(4, seed=4))
+    shapes = BatchShapes(data)
+    rows, _ = shapes.train_packs
+    totals = sorted((int(data.train.lengths[p].sum()) for p in rows.packs), reverse=True)
+    assert totals[0] > totals[-1]  # rows of unequal fill, so the choice matters
+    for micro in (1, 3):
+        batch = shapes.probe_batch(micro, torch.device("cpu"))
+        real = int((batch["input_ids"] != META.pad_token_id).sum())
+        assert batch["input_ids"].shape[0] == micro and real == sum(totals[:micro])

@@ -201,7 +201,7 @@ def test_numbers_written_as_strings_are_read_the_same_way_for_every_field(path, 
 def test_divisibility_counts_the_processes():
     raw = with_change("train.processes", 3)
     with pytest.raises(
-        PipelineError, match=r"must be a multiple of train.micro_batch_size x train.processes \(8 x 3\)"
+        PipelineError, match=r"must be a multiple of train.micro_batch_size x train.processes \(2 x 3\)"
     ):
         parse_params(raw)
 

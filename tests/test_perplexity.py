@@ -2,6 +2,8 @@ import math
 
 import torch
 
+from stages.common import output_head
+from stages.common.loss import next_token_losses
 from stages.common.perplexity import loss_sums, perplexities, response_mask
 from stages.common.tokenized import pad_batch
 
@@ -12,7 +14,7 @@ def test_loss_sums_match_hand_computed_cross_entropy():
     ids = torch.tensor([[1, 3, 0, 2]])
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     by_hand = [-torch.log_softmax(logits[0, t], dim=-1)[ids[0, t + 1]].item() for t in range(3)]
-    sums = loss_sums(logits, ids, mask)
+    sums = loss_sums(next_token_losses(logits, ids), mask)
     assert sums["seed"][1] == 3 and math.isclose(sums["seed"][0], sum(by_hand), rel_tol=1e-6)
     assert sums["response"][1] == 2 and math.isclose(sums["response"][0], by_hand[1] + by_hand[2], rel_tol=1e-6)
 
@@ -64,8 +66,6 @@ def test_token_losses_over_a_large_vocabulary_match_float64():
     """Perplexity is exp of a mean over thousands of tokens, so a per-token bias adds up: over SmolLM2's 49,152
     classes, CPU's log-softmax across a middle dimension was off by ~5e-5 per token; with the classes last, ~4e-6 in
     ATen's AVX-512 kernels and ~7e-6 in the AVX2 ones the stages pin (stages/__init__.py)."""
-    from stages.common.loss import next_token_losses
-
     torch.manual_seed(0)
     logits = torch.randn(2, 65, 49152) * 5
     targets = torch.randint(0, 49152, (2, 65))
@@ -94,3 +94,32 @@ def test_response_perplexity_weighs_every_token_alike_across_batches_of_unequal_
     assert math.isclose(split["perplexity"]["response"], math.exp(sum(losses) / sum(tokens)), rel_tol=1e-9)
     by_batch = statistics.fmean(result["perplexity"]["response"] for result in alone)
     assert not math.isclose(split["perplexity"]["response"], by_batch, rel_tol=1e-4)
+
+
+def test_long_rows_are_scored_a_chunk_of_positions_at_a_time_with_the_whole_logits_figures(
+    tiny_model_dir, tokenizer, monkeypatch
+):
+    """Evaluation memory is bounded by the chunk, not the row: the head never sees more than CHUNK_POSITIONS
+    positions at once, the model's own forward builds no logits, and both figures equal those of the whole logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (3, 300)).tolist()
+    cut = [row[:length] for row, length in zip(ids, (300, 170, 41), strict=True)]
+    rows = [{"input_ids": row, "labels": row, "answer_spans": [[len(row) // 2, len(row)]]} for row in cut]
+    pad, width = tokenizer.pad_token_id, 320
+    seen = []
+    monkeypatch.setattr(output_head, "CHUNK_POSITIONS", 128)
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    chunked = perplexities(model, rows, pad, width, batch_size=3, desc="test")
+    hook.remove()
+    assert max(shape[0] for shape in seen) == 128 and all(len(shape) == 2 for shape in seen)
+    assert sum(shape[0] for shape in seen) == 3 * (width - 1)  # every position, once; no (rows, width) pass
+    batch = pad_batch(rows, pad, pad, pad_to=width)
+    with torch.no_grad():
+        whole = next_token_losses(model(**batch).logits, batch["input_ids"])
+    expected = loss_sums(whole, response_mask(rows, width))
+    for kind, (loss, count) in expected.items():
+        assert chunked["tokens"][kind] == count
+        assert math.isclose(chunked["perplexity"][kind], math.exp(loss / count), rel_tol=1e-5)

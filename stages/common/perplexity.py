@@ -15,19 +15,17 @@ import torch
 from tqdm import tqdm
 
 from stages.common.loss import next_token_losses
+from stages.common.output_head import OutputHead, head_outside
 from stages.common.tokenized import pad_batch
 
 KINDS = ("seed", "response")
 
 
-def loss_sums(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
-) -> dict[str, tuple[float, int]]:
-    """Summed next-token loss and token count for each kind, from one forward pass.
+def loss_sums(token_loss: torch.Tensor, response_mask: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """Summed next-token loss and token count for each kind, from one batch's per-position losses (next_token_losses).
 
     `seed` counts every predicted position (padding too); `response` only positions where `response_mask` is set.
     """
-    token_loss = next_token_losses(logits, input_ids)
     mask = response_mask[:, 1:]
     return {
         "seed": (token_loss.sum().item(), token_loss.numel()),
@@ -44,19 +42,36 @@ def response_mask(rows: list[dict[str, Any]], width: int) -> torch.Tensor:
     return mask
 
 
+def batch_token_losses(
+    model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, head: OutputHead | None
+) -> torch.Tensor:
+    """Per-position next-token losses of one batch: through `head` a chunk of positions at a time when the head is
+    outside the model (its forward then returns hidden states), else from the whole logits."""
+    outputs = model(input_ids=ids, attention_mask=attention_mask).logits
+    return head.token_losses(outputs, ids) if head else next_token_losses(outputs, ids)
+
+
+def ambient_autocast(device_type: str) -> torch.dtype | None:
+    """The dtype the caller's autocast computes in (evaluate_ppl evaluates in the training precision), else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 @torch.no_grad()
 def perplexities(
     model: Any, rows: list[dict[str, Any]], pad_token_id: int, max_length: int, batch_size: int, desc: str
 ) -> dict[str, dict[str, float]]:
+    """Both kinds over `rows`, `batch_size` rows padded to `max_length` per forward. Memory is bounded by the batch:
+    the output head runs outside the model, so no batch's logits exist whole (stages/common/output_head.py)."""
     totals = {kind: [0.0, 0] for kind in KINDS}
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc):
-        chunk = rows[start : start + batch_size]
-        batch = pad_batch(chunk, pad_token_id, pad_token_id, pad_to=max_length)
-        ids = batch["input_ids"].to(model.device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device)).logits
-        for kind, (loss, count) in loss_sums(logits, ids, response_mask(chunk, max_length).to(model.device)).items():
-            totals[kind][0] += loss
-            totals[kind][1] += count
+    with head_outside(model, ambient_autocast(model.device.type), sharded=False, training=False) as head:
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc):
+            chunk = rows[start : start + batch_size]
+            batch = pad_batch(chunk, pad_token_id, pad_token_id, pad_to=max_length)
+            ids = batch["input_ids"].to(model.device)
+            token_loss = batch_token_losses(model, ids, batch["attention_mask"].to(model.device), head)
+            for kind, (loss, count) in loss_sums(token_loss, response_mask(chunk, max_length).to(model.device)).items():
+                totals[kind][0] += loss
+                totals[kind][1] += count
     return {
         "perplexity": {k: math.exp(loss / count) if count else float("nan") for k, (loss, count) in totals.items()},
         "tokens": {k: count for k, (_, count) in totals.items()},

@@ -9,11 +9,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from stages.common.models import autocast
+from stages.common.output_head import OutputHead, batch_loss
 from stages.common.tokenized import Collator
-from stages.finetuning.output_head import OutputHead, batch_loss
 from stages.finetuning.packing import PackedRows, collator_for, pack
 from stages.finetuning.runtime import Runtime
 
@@ -71,8 +72,7 @@ class BatchShapes:
         packed rows, or `micro` rows padded to max_length with a padded position (so the attention mask is a tensor)."""
         if self.packed:
             rows, width = self.train_packs
-            lengths = self.data.train.lengths
-            fullest = sorted(range(len(rows)), key=lambda r: -int(lengths[rows.packs[r]].sum()))[:micro]
+            fullest = np.argsort(-rows.totals, kind="stable")[:micro].tolist()
             batch = collator_for(rows, width, self.data.meta, micro)([rows[r] for r in fullest])
         else:
             ids = torch.full((micro, self.data.meta.max_length), self.data.meta.pad_token_id, dtype=torch.long)

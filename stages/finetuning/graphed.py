@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from stages.common.models import AUTOCAST_DTYPES
+from stages.common.output_head import without_labels
 from stages.finetuning.compiled import transformer_blocks
-from stages.finetuning.output_head import without_labels
 from stages.finetuning.packed_attention import BOUND_LENGTHS, BOUND_TENSORS
 
 log = logging.getLogger("pipeline")

@@ -18,6 +18,7 @@ import torch
 
 from stages.common.fragile import limit_trainer_to_one_gpu
 from stages.common.models import AUTOCAST_DTYPES
+from stages.common.output_head import CHUNK_POSITIONS, OutputHead, head_outside
 from stages.common.params import Params
 from stages.common.paths import CHECKPOINT_DIR, TOKENIZED_DIR
 from stages.common.tokenized import TokenizedMeta, TokenizedSplit, files_digest, load_meta, load_split, split_path
@@ -27,7 +28,6 @@ from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
 from stages.finetuning.guards import check_finite_weights, finite_loss_callback
 from stages.finetuning.live import short_run_callback
-from stages.finetuning.output_head import OutputHead, head_outside
 from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
 from stages.finetuning.timing import StepClock, step_profiler
@@ -70,13 +70,15 @@ class FitResult:
 
 def fit(model: Any, data: TrainingData, params: Params, runtime: Runtime, live: Any = None) -> FitResult:
     """Train; `live` (a Trainer callback, main process only) gets the logged metrics as they come. The output head
-    works outside the model throughout, where it can (stages/finetuning/output_head.py)."""
+    works outside the model throughout, where it can (stages/common/output_head.py)."""
     train = params.train
     if train.compile:  # the longest silent stretch of a GPU run otherwise
         graphs = " and records the CUDA graphs in step 2" if train.cuda_graphs else ""
         log.info("the first forward compiles the blocks%s: tens of seconds on a cold compile cache", graphs)
     sharded = runtime.shards_base(train.parallelism)
     with head_outside(model, AUTOCAST_DTYPES.get(train.precision), sharded) as head:
+        if head:
+            log.info("loss: the output head over labelled positions only, %d at a time", CHUNK_POSITIONS)
         return _fit(model, data, params, runtime, live, head)
 
 

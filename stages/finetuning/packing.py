@@ -18,6 +18,7 @@ each example is never a target (it would be predicted from the previous example'
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -64,33 +65,41 @@ def best_fit_packs(lengths: Sequence[int] | np.ndarray, budget: int) -> list[lis
     return packs
 
 
-def row_width(lengths: Sequence[int] | np.ndarray, packs: list[list[int]]) -> int:
+def row_totals(lengths: Sequence[int] | np.ndarray, packs: list[list[int]]) -> np.ndarray:
+    """The tokens each row holds, summed in one pass over all rows."""
+    sizes = np.fromiter(map(len, packs), dtype=np.int64, count=len(packs))
+    members = np.fromiter(itertools.chain.from_iterable(packs), dtype=np.int64, count=int(sizes.sum()))
+    if not len(packs):
+        return np.zeros(0, dtype=np.int64)
+    return np.add.reduceat(np.asarray(lengths, dtype=np.int64)[members], np.cumsum(sizes) - sizes)
+
+
+def row_width(totals: np.ndarray) -> int:
     """The fixed width every packed row is padded to: the fullest row, rounded up to a multiple of 8."""
-    lengths = np.asarray(lengths)
-    fullest = max(int(lengths[pack].sum()) for pack in packs)
-    return WIDTH_MULTIPLE * math.ceil(fullest / WIDTH_MULTIPLE)
+    return WIDTH_MULTIPLE * math.ceil(int(totals.max()) / WIDTH_MULTIPLE)
 
 
 class PackedRows(Sequence):
-    """The Trainer's dataset under packing: item i is the examples of row i (read from `examples` when asked for);
-    a slice is the same rows' view."""
+    """The Trainer's dataset under packing: item i is the examples of row i (read from `examples` when asked for),
+    `totals[i]` its tokens; a slice is the same rows' view."""
 
-    def __init__(self, examples: Sequence[dict[str, Any]], packs: list[list[int]]):
-        self.examples, self.packs = examples, packs
+    def __init__(self, examples: Sequence[dict[str, Any]], packs: list[list[int]], totals: np.ndarray):
+        self.examples, self.packs, self.totals = examples, packs, totals
 
     def __len__(self) -> int:
         return len(self.packs)
 
     def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):
-            return PackedRows(self.examples, self.packs[key])
+            return PackedRows(self.examples, self.packs[key], self.totals[key])
         return [self.examples[i] for i in self.packs[key]]
 
 
 def pack(examples: Sequence[dict[str, Any]], lengths: Any, budget: int) -> tuple[PackedRows, int]:
     """(the packed rows of `examples`, their common width)."""
     packs = best_fit_packs(lengths, budget)
-    return PackedRows(examples, packs), row_width(lengths, packs)
+    totals = row_totals(lengths, packs)
+    return PackedRows(examples, packs, totals), row_width(totals)
 
 
 def packed_tensors(examples: list[dict[str, Any]], width: int, meta: TokenizedMeta) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from stages.common.loss import next_token_losses
+from stages.common.output_head import OutputHead
 from stages.common.tokenized import IGNORE_INDEX
-from stages.finetuning.output_head import OutputHead
 
 
 def eval_passes(rows: int, processes: int, batch: int) -> int:
@@ -32,7 +32,7 @@ class TokenWeightedTrainer(Trainer):
     mean (the same adapter scored 10.85 on one process and 10.95 on two).
     Evaluation collates with `eval_collator` when one is set (packed rows pass their positions and example bounds).
     With `output_head` set, the model returns hidden states and both losses go through the head outside it
-    (stages/finetuning/output_head.py).
+    (stages/common/output_head.py).
     """
 
     eval_collator: Any = None

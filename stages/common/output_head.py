@@ -1,4 +1,5 @@
-"""The output head applied outside the model, a chunk of positions at a time, only where a label is.
+"""The output head applied outside the model, a chunk of positions at a time: in training only where a label is, in
+evaluation (stages/common/perplexity.py) at every position, keeping the loss and dropping each chunk's logits.
 
 A model's forward turns every position's hidden state into logits over the whole vocabulary before the loss picks the
 labelled ones: at 2,048 tokens and Llama 3's 128,256 classes that is 0.5 GiB of bf16 logits per row, kept for
@@ -6,18 +7,18 @@ backward, plus the float32 copy and its gradient the loss makes. Here the model 
 module is swapped for an identity while training runs), and the loss applies the head to the labelled positions only,
 `CHUNK_POSITIONS` at a time, recomputing each chunk's logits in backward instead of keeping them (the chunked loss of
 torchtune and Liger's fused linear cross-entropy, in plain torch). The loss is the same sum of next-token losses over
-the same positions, so training and its eval loss keep their meaning.
+the same positions, so training and its eval loss keep their meaning. Evaluation without the head outside would hold a
+batch's logits whole: at 8,192 tokens, 8 rows and 128,256 classes, 31 GiB in float32.
 
-Left as it was (the whole logits inside the forward) where moving the head would change the result: a head with
-trainable weights (LoRA on `lm_head`, whose checkpoints must keep it in the module tree), a model that rescales its
-logits after the head (`final_logit_softcapping`, `logit_scale`), and a base sharded with FSDP (the head's weights
-are only whole inside the sharded forward).
+Left as it was (the whole logits inside the forward) where moving the head would change the result: in training, a
+head with trainable weights (LoRA on `lm_head`, whose checkpoints must keep it in the module tree); always, a model
+that rescales its logits after the head (`final_logit_softcapping`, `logit_scale`), and a base sharded with FSDP (the
+head's weights are only whole inside the sharded forward).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +27,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stages.common.tokenized import IGNORE_INDEX
-
-log = logging.getLogger("pipeline")
 
 CHUNK_POSITIONS = 1024  # logits of this many positions exist at once: 0.5 GiB in float32 at 128,256 classes
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale")  # config fields of heads followed by more arithmetic
@@ -60,6 +59,21 @@ class OutputHead:
                     total = total + self._chunk_loss(chunk, wanted)
         return total, labelled.sum()
 
+    @torch.no_grad()
+    def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of predicting `targets[:, t + 1]` from `hidden[:, t]` at every position, float32, 0 where the target
+        is IGNORE_INDEX: stages/common/loss.py's next_token_losses, with no more than `CHUNK_POSITIONS` positions'
+        logits at a time."""
+        states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        wanted = targets[:, 1:].reshape(-1)
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(hidden.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            parts = [
+                F.cross_entropy(self.head(chunk).float(), goal, ignore_index=IGNORE_INDEX, reduction="none")
+                for chunk, goal in zip(states.split(CHUNK_POSITIONS), wanted.split(CHUNK_POSITIONS), strict=True)
+            ]
+        return torch.cat(parts).view(hidden.shape[0], -1)
+
 
 def _head_slot(model: Any) -> tuple[Any, str, torch.nn.Module] | None:
     """(the module holding the head, its attribute name, the head) of `model` (under peft's wrapper), if found."""
@@ -73,26 +87,28 @@ def _head_slot(model: Any) -> tuple[Any, str, torch.nn.Module] | None:
     return None
 
 
-def movable(model: Any, sharded: bool) -> bool:
-    """Whether the head can leave the forward without changing the loss (module docstring)."""
+def movable(model: Any, sharded: bool, training: bool) -> bool:
+    """Whether the head can leave the forward without changing the loss (module docstring); with no training to
+    checkpoint, a head with trainable weights can."""
     slot = _head_slot(model)
     if slot is None or sharded:
         return False
     base, _, head = slot
     rescaled = any(getattr(base.config, name, None) not in (None, 1.0) for name in LOGIT_RESCALING)
-    return not rescaled and not any(p.requires_grad for p in head.parameters())
+    return not rescaled and not (training and any(p.requires_grad for p in head.parameters()))
 
 
 @contextlib.contextmanager
-def head_outside(model: Any, autocast_dtype: torch.dtype | None, sharded: bool) -> Iterator[OutputHead | None]:
+def head_outside(
+    model: Any, autocast_dtype: torch.dtype | None, sharded: bool, training: bool = True
+) -> Iterator[OutputHead | None]:
     """While open, `model`'s forward returns hidden states as `logits` and the yielded OutputHead scores them; None
     (and the model untouched) where the head must stay (`movable`)."""
-    if not movable(model, sharded):
+    if not movable(model, sharded, training):
         yield None
         return
     base, name, head = _head_slot(model)
     setattr(base, name, torch.nn.Identity())
-    log.info("loss: the output head over labelled positions only, %d at a time", CHUNK_POSITIONS)
     try:
         yield OutputHead(head, autocast_dtype)
     finally:
