@@ -20,9 +20,10 @@ quantization, bf16 compute):
   Should the seed profile not fit, the row runs again with activation checkpointing on.
 - TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
   and 16 rows per step.
-Every eval loss (the untrained base's, each row's) comes from one scorer, peers.answer_loss: token-weighted over the
-answer tokens of the pipeline's tokenized eval split, each record padded apart, as evaluate_ppl scores. The stage's
-own eval loss (packed rows) is kept as `eval_loss_stage`.
+Every eval loss (the untrained base's, each row's) comes from one scorer, peers.answer_loss, on one base loaded
+afresh with each row's saved adapter: token-weighted over the answer tokens of the pipeline's tokenized eval split,
+each record padded apart, as evaluate_ppl scores. The stage's own eval loss (packed rows) is kept as
+`eval_loss_stage`. `--seed` sets both rows' training seed (LoRA init, dropout, data order).
 Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`, and the ratios the issue asks for.
 """
 
@@ -128,21 +129,26 @@ def pipeline_row(pipe: Pipeline, train_records: int) -> dict[str, Any]:
     raise SystemExit("no pipeline row ran")
 
 
-def scored_pipeline(pipe: Pipeline, model_dir: Path, eval_split: Any, max_length: int, smoke: bool) -> dict:
-    """The base's and the pipeline adapter's eval loss, scored by the scorer TRL's row gets (peers.answer_loss) on
-    the base loaded as both rows load it: the rows differ in training only."""
+def scored_adapters(model_dir: Path, adapters: dict[str, Path], eval_split: Any, max_length: int, smoke: bool) -> dict:
+    """The eval loss of the untrained base ("base") and of each row's saved adapter, every one scored by
+    peers.answer_loss on one base loaded as both rows load it: the figures differ by training only."""
     from peers import answer_loss, peer_model
     from peft import PeftModel
 
     tokenizer, base = peer_model(model_dir, quantized=True, smoke=smoke, double_quant=False)
-    model = PeftModel.from_pretrained(base, pipe.root / "models/adapter")
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
     with model.disable_adapter():
-        base_loss = answer_loss(model, tokenizer, eval_split, max_length, smoke, "base eval loss")
-    tuned_loss = answer_loss(model, tokenizer, eval_split, max_length, smoke, "pipeline eval loss")
+        losses = {"base": answer_loss(model, tokenizer, eval_split, max_length, smoke, "base eval loss")}
+    for name in names:
+        model.set_adapter(name)
+        losses[name] = answer_loss(model, tokenizer, eval_split, max_length, smoke, f"{name} eval loss")
     del model, base
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"base": base_loss, "pipeline": tuned_loss}
+    return losses
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -171,6 +177,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: bench/results/long_context_<gpu>_<date>.json")
     parser.add_argument("--skip", default="", help="rows to leave out: pipeline, trl")
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: checks the script, not speed")
+    parser.add_argument("--seed", type=int, default=42, help="both rows' training seed (LoRA init, dropout, order)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -182,7 +189,7 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - started:.0f} s", flush=True)
 
     train_count, eval_count = SMOKE_RECORDS if args.smoke else (TRAIN_RECORDS, EVAL_RECORDS)
-    profile = PROFILE | {"data.train_size": train_count, "data.eval_size": eval_count}
+    profile = PROFILE | {"data.train_size": train_count, "data.eval_size": eval_count, "train.seed": args.seed}
     if args.smoke:
         profile |= {"tokenize.max_length": 256, "train.effective_batch_size": 4, "model.quantization": "none"}
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, model_link=MODEL_LINK)
@@ -228,15 +235,13 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\ndevice: {device}\n{summary(report)}", flush=True)
 
+    adapters = {}
     if "pipeline" not in skip:
         row = pipeline_row(pipe, len(train_split))
         keep = ("variant", "epoch_s", "steps", "s_per_step", "first_step_s", "probe_s", "graphs_s", "eval_s",
-                "micro_batch_size", "peak_gib", "train_loss", "eval_loss", "load_s")  # fmt: skip
-        report["rows"]["pipeline"] = {key: row[key] for key in keep}
-        scored = scored_pipeline(pipe, model_dir, eval_split, max_length, args.smoke)
-        report["rows"]["pipeline"] |= {"eval_loss_stage": row["eval_loss"], "eval_loss": scored["pipeline"]}
-        report["profile"]["base_eval_loss"] = scored["base"]
-        save()
+                "micro_batch_size", "peak_gib", "train_loss", "load_s")  # fmt: skip
+        report["rows"]["pipeline"] = {key: row[key] for key in keep} | {"eval_loss_stage": row["eval_loss"]}
+        adapters["pipeline"] = pipe.root / "models/adapter"
     if "trl" not in skip:
         if args.peers_site:  # TRL's packages for this process only: the stage imports what a user's would
             sys.path.insert(0, str(args.peers_site))
@@ -244,10 +249,16 @@ def main() -> None:
 
         subset = pipe.root / "data/subset/train.jsonl"
         train = [json.loads(line) for line in subset.open()]
+        adapters["trl"] = args.work / "trl-adapter"
         report["rows"]["trl"] = trl_packed_epoch(
-            model_dir, train, eval_split, max_length, profile["train.effective_batch_size"],
-            args.smoke,
+            model_dir, train, adapters["trl"], max_length, profile["train.effective_batch_size"], args.smoke,
+            args.seed,
         )  # fmt: skip
+    if adapters:
+        losses = scored_adapters(model_dir, adapters, eval_split, max_length, args.smoke)
+        report["profile"]["base_eval_loss"] = losses.pop("base")
+        for name, loss in losses.items():
+            report["rows"][name]["eval_loss"] = loss
         save()
     print(f"wrote {out}")
 
