@@ -2,6 +2,7 @@
 
     python bench/scale.py                          # 10k, 100k and 1M records; bench/results/scale_<machine>_<date>.json
     python bench/scale.py --records 10000 --out /tmp/scale.json     # one size, anywhere
+    python bench/scale.py --records 4000000 --stages 1 --out bench/results/source_2gib.json   # a 2 GiB source
 
 For each size, a scratch project (this repository's stages, the default params.yaml) gets a synthetic Alpaca-shaped
 source: the bundled Self-Instruct seed tasks, each with a numbered suffix so that none is a duplicate, cycled up to
@@ -36,6 +37,7 @@ from stages.common.params import with_overrides  # noqa: E402
 
 SEED_TASKS = REPO / "data/raw/seed_tasks_alpaca.jsonl"
 EVAL_RECORDS = 100
+STAGES = ("prepare_subset", "tokenize", "finetune data load", "finetune to step 1")  # each needs those before it
 DATA_LOAD = """
 import json, resource, time
 import pyarrow  # imported before the first reading: its own ~40 MB are not the data's
@@ -96,29 +98,28 @@ def measured(root: Path, argv: list[str]) -> tuple[float, float, str]:
     return float(seconds), int(kib) / 2**20, "\n".join(output)
 
 
-def run_size(records: int, work: Path) -> tuple[list[dict], dict]:
+def run_size(records: int, work: Path, stages: tuple[str, ...] = STAGES) -> tuple[list[dict], dict]:
     root = work / f"records_{records}"
     scratch_project(root, records)
-    rows, figures = [], {}
-    for stage in ("prepare_subset", "tokenize"):
-        seconds, peak, _ = measured(root, [sys.executable, "-m", f"stages.{stage}"])
+    print(f"{records:>9,} source {(root / 'data/raw/scale.jsonl').stat().st_size / 2**30:.2f} GiB", flush=True)
+    rows, figures, load = [], {}, None
+    for stage in stages:
+        if stage == "finetune data load":
+            _, peak, output = measured(root, [sys.executable, "-c", DATA_LOAD])
+            load = json.loads(output.splitlines()[-1])
+            seconds = load["seconds"]
+        else:
+            module = "finetune" if stage == "finetune to step 1" else stage
+            seconds, peak, _ = measured(root, [sys.executable, "-m", f"stages.{module}"])
         rows.append({"records": records, "stage": stage, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 3)})
         print(f"{records:>9,} {stage:<18} {seconds:8.1f} s {peak:6.2f} GiB", flush=True)
-    seconds, peak, output = measured(root, [sys.executable, "-c", DATA_LOAD])
-    load = json.loads(output.splitlines()[-1])
-    rows.append({"records": records, "stage": "finetune data load", "seconds": round(load["seconds"], 2),
-                 "peak_rss_gib": round(peak, 3)})  # fmt: skip
-    print(f"{records:>9,} {'finetune data load':<18} {load['seconds']:8.1f} s {peak:6.2f} GiB", flush=True)
-    seconds, peak, _ = measured(root, [sys.executable, "-m", "stages.finetune"])
-    rows.append({"records": records, "stage": "finetune to step 1", "seconds": round(seconds, 2),
-                 "peak_rss_gib": round(peak, 3)})  # fmt: skip
-    print(f"{records:>9,} {'finetune to step 1':<18} {seconds:8.1f} s {peak:6.2f} GiB", flush=True)
-    train_file = root / "data/tokenized/train.arrow"
-    figures = {
-        "tokens": load["tokens"],
-        "bytes_per_token_disk": train_file.stat().st_size / load["tokens"],
-        "bytes_per_token_memory": load["grown_kib"] * 1024 / load["tokens"],
-    }
+    if load:
+        train_file = root / "data/tokenized/train.arrow"
+        figures = {
+            "tokens": load["tokens"],
+            "bytes_per_token_disk": train_file.stat().st_size / load["tokens"],
+            "bytes_per_token_memory": load["grown_kib"] * 1024 / load["tokens"],
+        }
     shutil.rmtree(root)
     return rows, figures
 
@@ -138,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--out", type=Path, help="default: bench/results/scale_cpu<cores>_<date>.json")
+    parser.add_argument("--stages", type=int, default=len(STAGES), help=f"the first N of {STAGES} (default: all)")
     args = parser.parse_args()
     device = machine()
     out = args.out or REPO / f"bench/results/scale_cpu{device['cores']}_{datetime.date.today()}.json"
@@ -145,20 +147,21 @@ def main() -> None:
     print(f"{'records':>9} {'stage':<18} {'wall':>10} {'peak RSS':>10}")
     with tempfile.TemporaryDirectory(prefix="scale-") as work:
         for records in args.records:
-            rows, figures = run_size(records, Path(work))
+            rows, figures = run_size(records, Path(work), STAGES[: args.stages])
             runs += rows
             per_size[records] = figures
+    result = {"device": device, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
     largest = per_size[max(per_size)]
-    result = {
-        "device": device,
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "runs": runs,
-        "bytes_per_token_disk": round(largest["bytes_per_token_disk"], 3),
-        "bytes_per_token_memory": round(largest["bytes_per_token_memory"], 3),
-        "per_size": {str(k): {key: round(v, 3) for key, v in f.items()} for k, f in per_size.items()},
-    }
+    if largest:  # the data load ran
+        result |= {
+            "bytes_per_token_disk": round(largest["bytes_per_token_disk"], 3),
+            "bytes_per_token_memory": round(largest["bytes_per_token_memory"], 3),
+            "per_size": {str(k): {key: round(v, 3) for key, v in f.items()} for k, f in per_size.items()},
+        }
+        print(
+            f"bytes per token: {result['bytes_per_token_disk']} on disk, {result['bytes_per_token_memory']} in memory"
+        )
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bytes per token: {result['bytes_per_token_disk']} on disk, {result['bytes_per_token_memory']} in memory")
     print(f"wrote {out}")
 
 
