@@ -157,8 +157,7 @@ def build_random_model(folder: Path, tokenizer_dir: Path, smoke: bool) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     del model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
 
 
 def bench_records(count: int, seed: int, tokenizer: Any) -> list[dict[str, str]]:
@@ -181,13 +180,28 @@ def bench_records(count: int, seed: int, tokenizer: Any) -> list[dict[str, str]]
     return [r | {"instruction": f"{r['instruction']} ({n})"} for n, r in enumerate(chosen)]
 
 
-def response_eval_loss(model: Any, eval_rows: list[dict], pad_id: int, autocast_dtype: torch.dtype | None) -> float:
-    """Mean token loss on answer tokens only (prompt and padding ignored): the quality yardstick for all variants."""
+def response_eval_loss(
+    model: Any,
+    eval_rows: list[dict],
+    pad_id: int,
+    autocast_dtype: torch.dtype | None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    desc: str = "response eval loss",
+) -> float:
+    """Mean token loss on answer tokens only (prompt and padding ignored), each row padded to `max_length` as
+    evaluate_ppl scores: the quality yardstick for all variants of every bench."""
     model.eval()
     context = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
     with context:
-        result = perplexities(model, eval_rows, pad_id, 128, batch_size=16, desc="response eval loss")
+        result = perplexities(model, eval_rows, pad_id, max_length, batch_size=batch_size, desc=desc)
     return math.log(result["perplexity"]["response"])
+
+
+def free_gpu_memory() -> None:
+    """Give the memory of models just deleted back, so the next row of a bench starts from an empty GPU."""
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def seed_recipe(
@@ -245,8 +259,7 @@ def seed_recipe(
     loss = response_eval_loss(model, eval_rows, pad, None if smoke else torch.float16)
     real_tokens = sum(len(r["input_ids"]) for r in train_rows)
     del trainer, model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
     return {
         "variant": f"(a) seed recipe verbatim (Trainer){'' if kbit_prep else ', no kbit preparation'}",
         "steps": steps,

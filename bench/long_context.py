@@ -20,9 +20,9 @@ quantization, bf16 compute):
   Should the seed profile not fit, the row runs again with activation checkpointing on.
 - TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
   and 16 rows per step.
-Every eval loss (the untrained base's, each row's) comes from one scorer, peers.answer_loss, on one base loaded
-afresh with each row's saved adapter: token-weighted over the answer tokens of the pipeline's tokenized eval split,
-each record padded apart, as evaluate_ppl scores. The stage's own eval loss (packed rows) is kept as
+Every eval loss (the untrained base's, each row's) comes from one scorer, finetune_speed.response_eval_loss, on one
+base loaded afresh with each row's saved adapter: token-weighted over the answer tokens of the pipeline's tokenized
+eval split, each record padded apart, as evaluate_ppl scores. The stage's own eval loss (packed rows) is kept as
 `eval_loss_stage`. `--seed` sets both rows' training seed (LoRA init, dropout, data order).
 Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`, and the ratios the issue asks for.
 """
@@ -30,7 +30,6 @@ Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import random
@@ -45,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune_speed import Pipeline, result_stem  # noqa: E402
+from finetune_speed import Pipeline, free_gpu_memory, response_eval_loss, result_stem  # noqa: E402
 
 from stages.common.tokenized import load_meta, load_split  # noqa: E402
 
@@ -97,8 +96,7 @@ def build_random_llama(folder: Path, tokenizer_dir: Path, smoke: bool) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
 
 
 def long_tailed_records(count: int, seed: int) -> list[dict[str, str]]:
@@ -131,23 +129,24 @@ def pipeline_row(pipe: Pipeline, train_records: int) -> dict[str, Any]:
 
 def scored_adapters(model_dir: Path, adapters: dict[str, Path], eval_split: Any, max_length: int, smoke: bool) -> dict:
     """The eval loss of the untrained base ("base") and of each row's saved adapter, every one scored by
-    peers.answer_loss on one base loaded as both rows load it: the figures differ by training only."""
-    from peers import answer_loss, peer_model
+    finetune_speed.response_eval_loss on one base loaded as both rows load it: the figures differ by training only."""
+    from peers import peer_model
     from peft import PeftModel
 
     tokenizer, base = peer_model(model_dir, quantized=True, smoke=smoke, double_quant=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scoring = (list(eval_split), pad, None if smoke else torch.bfloat16, max_length, 4)  # 4 rows per pass
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     with model.disable_adapter():
-        losses = {"base": answer_loss(model, tokenizer, eval_split, max_length, smoke, "base eval loss")}
+        losses = {"base": response_eval_loss(model, *scoring, "base eval loss")}
     for name in names:
         model.set_adapter(name)
-        losses[name] = answer_loss(model, tokenizer, eval_split, max_length, smoke, f"{name} eval loss")
+        losses[name] = response_eval_loss(model, *scoring, f"{name} eval loss")
     del model, base
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
     return losses
 
 

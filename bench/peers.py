@@ -10,13 +10,13 @@ accumulation), no activation checkpointing (TRL's default turns it on; memory is
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from finetune_speed import free_gpu_memory
 
 from stages.common.prompt import format_prompt
 from stages.finetuning.timing import StepClock
@@ -127,8 +127,7 @@ def trl_baseline(
     liger_layers = sum("Liger" in type(m).__name__ for m in trainer.model.modules())
     epoch = estimated_epoch(trainer, clock, len(train))
     del trainer, model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
     return {
         "steps": steps,
         "epoch_s": epoch["epoch_s"],
@@ -195,8 +194,7 @@ def trl_packed_epoch(
     trainer.model.save_pretrained(adapter_dir)
     steps = result.global_step
     del trainer, model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    free_gpu_memory()
     return {
         "epoch_s": epoch_s,
         "steps": steps,
@@ -207,16 +205,3 @@ def trl_packed_epoch(
         "gradient_checkpointing": config.gradient_checkpointing,
         "setup": "TRL SFTTrainer, packing bfd (padding-free), nf4, bf16, SDPA",
     }
-
-
-def answer_loss(model: Any, tokenizer: Any, eval_rows: Any, max_length: int, smoke: bool, desc: str) -> float:
-    """Token-weighted loss over the answer tokens of `eval_rows`, scored as evaluate_ppl scores (each row padded
-    apart, 4 per pass, bf16 autocast on a GPU): one scorer for every row of a comparison."""
-    from stages.common.perplexity import perplexities
-
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=not smoke):
-        scored = perplexities(model, list(eval_rows), pad, max_length, batch_size=4, desc=desc)
-    return math.log(scored["perplexity"]["response"])
