@@ -168,6 +168,32 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(files: list[Path]) -> str:
+    """One line per run (a seed each) and the means: a single seed's eval-loss gap is within the seed-to-seed spread."""
+    runs = [json.loads(file.read_text()) for file in files]
+    lines = [
+        f"{'seed':>4} {'pipeline s':>10} {'TRL s':>7} {'speedup':>7} {'pipeline loss':>13} {'TRL loss':>8} {'gap':>8}"
+    ]
+    gaps = []
+    for run in runs:
+        pipe, trl = run["rows"]["pipeline"], run["rows"]["trl"]
+        seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
+        gaps.append(run["eval_loss_difference"])
+        lines.append(
+            f"{seed:>4} {pipe['epoch_s']:>10.1f} {trl['epoch_s']:>7.1f} {run['speedup_vs_trl']:>6.2f}x "
+            f"{pipe['eval_loss']:>13.4f} {trl['eval_loss']:>8.4f} {gaps[-1]:>+8.4f}"
+        )
+    mean = {row: float(np.mean([run["rows"][row]["eval_loss"] for run in runs])) for row in ("pipeline", "trl")}
+    base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
+    spread = float(np.std(gaps, ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
+    lines.append(
+        f"mean over {len(runs)}: speedup {np.mean([run['speedup_vs_trl'] for run in runs]):.2f}x, eval loss gap "
+        f"{np.mean(gaps):+.4f} (standard error {spread:.4f}); loss drop from the base {base - mean['pipeline']:.4f} "
+        f"against TRL's {base - mean['trl']:.4f} ({(base - mean['pipeline']) / (base - mean['trl']):.3f}x)"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, default=REPO / ".bench/tokenizer", help="a saved tokenizer folder")
@@ -177,7 +203,13 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="rows to leave out: pipeline, trl")
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: checks the script, not speed")
     parser.add_argument("--seed", type=int, default=42, help="both rows' training seed (LoRA init, dropout, order)")
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+", help="print the seed table of these result files, run none"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        print(seed_summary(args.summarize))
+        return
     skip = set(filter(None, args.skip.split(",")))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out = args.out or REPO / f"bench/results/{result_stem('long_context', args.smoke)}.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from typing import Any
 
 import pytest
@@ -67,3 +68,29 @@ def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_
     lines = {line.split()[0]: line.split() for line in BENCH.wholerun_table(report).splitlines()[1:]}
     assert lines["pipeline_4bit"][-2:] == ["60.0x", "10.00x"]  # 600 / 10 (the literal seed is faster), 100 / 10
     assert lines["pipeline_bf16"][-2:] == ["30.0x", "2.50x"]  # 600 / 20, TRL bf16's 50 / 20
+
+
+def test_the_long_context_seed_table_averages_the_runs_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("long_context", REPO / "bench/long_context.py")
+    long_context = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(long_context)
+    files = []
+    for seed, (pipeline_loss, trl_loss) in {42: (11.0, 10.0), 43: (12.0, 12.5)}.items():
+        run = {
+            "command": f"python bench/long_context.py --seed {seed}",
+            "profile": {"base_eval_loss": 14.0},
+            "rows": {
+                "pipeline": {"epoch_s": 10.0, "eval_loss": pipeline_loss},
+                "trl": {"epoch_s": 30.0, "eval_loss": trl_loss},
+            },
+            "speedup_vs_trl": 3.0,
+            "eval_loss_difference": pipeline_loss - trl_loss,
+        }
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps(run))
+    lines = long_context.seed_summary(files).splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["42", "43"]
+    assert lines[1].split()[-1] == "+1.0000" and lines[2].split()[-1] == "-0.5000"
+    # mean gap (1.0 - 0.5) / 2; drops 14 - 11.5 = 2.5 against 14 - 11.25 = 2.75
+    assert "gap +0.2500 (standard error 0.7500)" in lines[3] and "2.5000 against TRL's 2.7500 (0.909x)" in lines[3]
