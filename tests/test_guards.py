@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.common.errors import PipelineError
-from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.guards import check_finite_run, finite_loss_callback
 
 
 class Tiny(torch.nn.Module):
@@ -34,13 +34,13 @@ def test_a_non_finite_gradient_norm_is_not_a_divergence():
 
 def test_trained_weights_must_be_finite_frozen_ones_are_not_checked():
     model = Tiny()
-    check_finite_weights(model, 2.0, 3)  # the NaN sits in a frozen weight: not this run's doing
+    check_finite_run(model, 2.0, 3)  # the NaN sits in a frozen weight: not this run's doing
     with torch.no_grad():
         model.lora[1] = math.inf
     with pytest.raises(PipelineError, match="non-finite values in lora"):
-        check_finite_weights(model, 2.0, 3)
+        check_finite_run(model, 2.0, 3)
     with pytest.raises(PipelineError, match="train loss nan"):
-        check_finite_weights(Tiny(), math.nan, 3)
+        check_finite_run(Tiny(), math.nan, 3)
 
 
 def test_more_processes_than_gpus_is_one_line_before_anything_starts():

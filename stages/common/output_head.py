@@ -38,6 +38,11 @@ class OutputHead:
     def __init__(self, head: torch.nn.Module, autocast_dtype: torch.dtype | None):
         self.head, self.autocast_dtype = head, autocast_dtype
 
+    def _autocast(self, device_type: str) -> torch.autocast:
+        """The precision the head computes in: the training's autocast dtype, or as it is (fp32) with none."""
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
     def _chunk_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(states)
         return F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -50,8 +55,7 @@ class OutputHead:
         states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[labelled]
         targets = targets[labelled]
         total = hidden[..., :0].sum().float()  # 0, but part of the graph: a micro-batch of filler rows backs up too
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(hidden.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+        with self._autocast(hidden.device.type):
             for chunk, wanted in zip(states.split(CHUNK_POSITIONS), targets.split(CHUNK_POSITIONS), strict=True):
                 if torch.is_grad_enabled():
                     total = total + checkpoint(self._chunk_loss, chunk, wanted, use_reentrant=False)
@@ -66,8 +70,7 @@ class OutputHead:
         logits at a time."""
         states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         wanted = targets[:, 1:].reshape(-1)
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(hidden.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+        with self._autocast(hidden.device.type):
             parts = [
                 F.cross_entropy(self.head(chunk).float(), goal, ignore_index=IGNORE_INDEX, reduction="none")
                 for chunk, goal in zip(states.split(CHUNK_POSITIONS), wanted.split(CHUNK_POSITIONS), strict=True)

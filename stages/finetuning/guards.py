@@ -33,7 +33,7 @@ def non_finite_message(what: str, step: int) -> str:
     )
 
 
-def check_finite_weights(model: Any, loss: float, step: int) -> None:
+def check_finite_run(model: Any, loss: float, step: int) -> None:
     """The trained LoRA weights and the run's loss are finite numbers, or the stage fails without saving."""
     if not math.isfinite(loss):
         raise PipelineError(non_finite_message(f"train loss {loss}", step))

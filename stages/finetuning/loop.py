@@ -26,7 +26,7 @@ from stages.finetuning.batching import BatchShapes, accumulation_steps, pick_mic
 from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
-from stages.finetuning.guards import check_finite_weights, finite_loss_callback
+from stages.finetuning.guards import check_finite_run, finite_loss_callback
 from stages.finetuning.live import short_run_callback
 from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
@@ -119,7 +119,7 @@ def _fit(
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     run_loss = trainer.mean_over_processes(result.training_loss)
-    check_finite_weights(model, run_loss, trainer.state.global_step)
+    check_finite_run(model, run_loss, trainer.state.global_step)
     return FitResult(
         log_history=trainer.state.log_history,
         run_loss=run_loss,

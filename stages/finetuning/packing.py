@@ -67,10 +67,10 @@ def best_fit_packs(lengths: Sequence[int] | np.ndarray, budget: int) -> list[lis
 
 def row_totals(lengths: Sequence[int] | np.ndarray, packs: list[list[int]]) -> np.ndarray:
     """The tokens each row holds, summed in one pass over all rows."""
+    if not packs:
+        return np.zeros(0, dtype=np.int64)
     sizes = np.fromiter(map(len, packs), dtype=np.int64, count=len(packs))
     members = np.fromiter(itertools.chain.from_iterable(packs), dtype=np.int64, count=int(sizes.sum()))
-    if not len(packs):
-        return np.zeros(0, dtype=np.int64)
     return np.add.reduceat(np.asarray(lengths, dtype=np.int64)[members], np.cumsum(sizes) - sizes)
 
 
