@@ -341,18 +341,24 @@ class Pipeline:
         return params
 
     def run(
-        self, stage: str, overrides: dict[str, Any], memory_gib: float | None = None, trace: Path | None = None
+        self,
+        stage: str,
+        overrides: dict[str, Any],
+        memory_gib: float | None = None,
+        trace: Path | None = None,
+        prelude: str = "",
     ) -> tuple[float, str]:
+        """`prelude`: Python run in the stage's process before it (torch imported), for experiments no param makes."""
         params = self.params(overrides)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         command = [sys.executable, "-m", f"stages.{stage}"]  # as dvc.yaml runs it
         if memory_gib:  # the cap needs torch imported before the stage; only capped rows pay that import here
-            code = (
-                "import runpy, torch\n"
+            prelude = (
                 f"torch.cuda.set_per_process_memory_fraction({memory_gib} * 2**30 / "
                 "torch.cuda.get_device_properties(0).total_memory)\n"
-                f"runpy.run_module('stages.{stage}', run_name='__main__')\n"
-            )
+            ) + prelude
+        if prelude:
+            code = f"import runpy, torch\n{prelude}\nrunpy.run_module('stages.{stage}', run_name='__main__')\n"
             command = [sys.executable, "-c", code]
         env = {
             **os.environ,
@@ -395,9 +401,15 @@ class Pipeline:
                 log.write(f"===== {what}: {seconds:.1f} s\n{output}\n")
 
     def finetune(
-        self, label: str, overrides: dict[str, Any], memory_gib: float | None = None, profile: bool = True
+        self,
+        label: str,
+        overrides: dict[str, Any],
+        memory_gib: float | None = None,
+        profile: bool = True,
+        prelude: str = "",
     ) -> dict:
-        """The stage's row; `profile`: profiled when --profile is on (whole-epoch scaling rows are not)."""
+        """The stage's row; `profile`: profiled when --profile is on (whole-epoch scaling rows are not); `prelude`: as
+        `run` takes it."""
         tokenize_key = json.dumps({k: v for k, v in overrides.items() if k.split(".")[0] in ("data", "tokenize")})
         if tokenize_key != self.tokenized_with:  # prepare and tokenize only when their params change
             self.data_stages = {stage: self.stage_times(stage, overrides) for stage in ("prepare_subset", "tokenize")}
@@ -405,7 +417,7 @@ class Pipeline:
         shutil.rmtree(self.root / "models/checkpoints", ignore_errors=True)  # time training, not resuming
         name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
         trace = self.traces / f"{name}.txt" if self.traces and profile else None
-        stage_s, output = self.run("finetune", overrides, memory_gib, trace)
+        stage_s, output = self.run("finetune", overrides, memory_gib, trace, prelude)
         self.keep_log(f"finetune, {label}", stage_s, output)
         live = json.loads((self.root / "dvclive/metrics.json").read_text())  # dvclive's summary: the model figures
         metrics = {"steps": live["step"], "train_loss": live["train"]["loss"], "eval_loss": live["eval"]["loss"]}

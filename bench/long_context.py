@@ -20,10 +20,13 @@ quantization, bf16 compute):
   Should the seed profile not fit, the row runs again with activation checkpointing on.
 - TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
   and 16 rows per step.
+- with `--float32-frozen`, `pipeline_fp32`: the pipeline row again, its norms, embeddings and head made float32 before
+  LoRA is attached, as TRL's QLoRA preparation makes them (the stage keeps them bf16 under bf16 training).
 Every eval loss (the untrained base's, each row's) comes from one scorer, finetune_speed.response_eval_loss, on one
 base loaded afresh with each row's saved adapter: token-weighted over the answer tokens of the pipeline's tokenized
 eval split, each record padded apart, as evaluate_ppl scores. The stage's own eval loss (packed rows) is kept as
-`eval_loss_stage`. `--seed` sets both rows' training seed (LoRA init, dropout, data order).
+`eval_loss_stage`. `--seed` sets every row's training seed (LoRA init, dropout, data order);
+`--summarize FILE...` prints the pipeline-against-TRL table of several such runs (a seed each) and their means.
 Writes bench/results/long_context_<gpu>_<date>.json: `device`, `profile`, `rows`, and the ratios the issue asks for.
 """
 
@@ -33,6 +36,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,6 +80,21 @@ PROFILE = {
     "train.gpu_memory_gib": GPU_BUDGET_GIB,
 }
 CHECKPOINTING = {"train.gradient_checkpointing": True}
+# --float32-frozen's row: before LoRA is attached, every weight that is not 4-bit (norms, embeddings, head) becomes
+# float32, as peft's prepare_model_for_kbit_training (which TRL runs on a 4-bit base) makes it; the stage does that
+# under fp16 only (stages/finetuning/model.py). An experiment, so no param: it asks whether the residual stream's
+# precision explains the eval-loss gap to TRL.
+FLOAT32_FROZEN = """
+import stages.finetuning.model as chosen
+attach_lora = chosen.attach_lora
+def float32_then_attach(model, params):
+    made = [w for w in model.parameters() if w.dtype in (torch.float16, torch.bfloat16)]  # 4-bit ones are uint8
+    for weight in made:
+        weight.data = weight.data.float()
+    print(f"float32-frozen: {len(made)} weights, {sum(w.numel() for w in made) / 1e6:.1f}M params", flush=True)
+    return attach_lora(model, params)
+chosen.attach_lora = float32_then_attach
+"""
 
 
 def build_random_llama(folder: Path, tokenizer_dir: Path, smoke: bool) -> None:
@@ -114,11 +133,11 @@ def long_tailed_records(count: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
-def pipeline_row(pipe: Pipeline, train_records: int) -> dict[str, Any]:
+def pipeline_row(pipe: Pipeline, train_records: int, prelude: str = "") -> dict[str, Any]:
     """The finetune stage's whole epoch; with activation checkpointing if the seed profile does not fit the budget."""
     for label, overrides in (("pipeline, seed profile", {}), ("pipeline, activation checkpointing", CHECKPOINTING)):
         try:
-            row = pipe.finetune(label, overrides, profile=False)
+            row = pipe.finetune(label, overrides, profile=False, prelude=prelude)
         except SystemExit as err:
             print(f"{label} failed: {err}", flush=True)
             continue
@@ -204,6 +223,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: checks the script, not speed")
     parser.add_argument("--seed", type=int, default=42, help="both rows' training seed (LoRA init, dropout, order)")
     parser.add_argument(
+        "--float32-frozen",
+        action="store_true",
+        help="add a pipeline row whose norms, embeddings and head are float32, as TRL's QLoRA preparation makes them",
+    )
+    parser.add_argument(
         "--summarize", type=Path, nargs="+", help="print the seed table of these result files, run none"
     )
     args = parser.parse_args()
@@ -267,12 +291,17 @@ def main() -> None:
         print(f"\ndevice: {device}\n{summary(report)}", flush=True)
 
     adapters = {}
-    if "pipeline" not in skip:
-        row = pipeline_row(pipe, len(train_split))
+    pipeline_rows = {"pipeline": ""} | ({"pipeline_fp32": FLOAT32_FROZEN} if args.float32_frozen else {})
+    for name, prelude in pipeline_rows.items():
+        if name in skip:
+            continue
+        row = pipeline_row(pipe, len(train_split), prelude)
         keep = ("variant", "epoch_s", "steps", "s_per_step", "first_step_s", "probe_s", "graphs_s", "eval_s",
                 "micro_batch_size", "peak_gib", "train_loss", "load_s")  # fmt: skip
-        report["rows"]["pipeline"] = {key: row[key] for key in keep} | {"eval_loss_stage": row["eval_loss"]}
-        adapters["pipeline"] = pipe.root / "models/adapter"
+        report["rows"][name] = {key: row[key] for key in keep} | {"eval_loss_stage": row["eval_loss"]}
+        adapters[name] = args.work / f"{name}-adapter"  # the next row's run replaces models/adapter
+        shutil.rmtree(adapters[name], ignore_errors=True)
+        shutil.copytree(pipe.root / "models/adapter", adapters[name])
     if "trl" not in skip:
         if args.peers_site:  # TRL's packages for this process only: the stage imports what a user's would
             sys.path.insert(0, str(args.peers_site))
