@@ -188,28 +188,36 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def seed_summary(files: list[Path]) -> str:
-    """One line per run (a seed each) and the means: a single seed's eval-loss gap is within the seed-to-seed spread."""
+    """Each run (a seed each) against TRL, and the means: one seed's eval-loss gap is within the seed-to-seed spread.
+    A line per run and row that is not TRL's (`pipeline`, and `pipeline_fp32` where it ran)."""
     runs = [json.loads(file.read_text()) for file in files]
-    lines = [
-        f"{'seed':>4} {'pipeline s':>10} {'TRL s':>7} {'speedup':>7} {'pipeline loss':>13} {'TRL loss':>8} {'gap':>8}"
-    ]
-    gaps = []
-    for run in runs:
-        pipe, trl = run["rows"]["pipeline"], run["rows"]["trl"]
-        seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
-        gaps.append(run["eval_loss_difference"])
-        lines.append(
-            f"{seed:>4} {pipe['epoch_s']:>10.1f} {trl['epoch_s']:>7.1f} {run['speedup_vs_trl']:>6.2f}x "
-            f"{pipe['eval_loss']:>13.4f} {trl['eval_loss']:>8.4f} {gaps[-1]:>+8.4f}"
-        )
-    mean = {row: float(np.mean([run["rows"][row]["eval_loss"] for run in runs])) for row in ("pipeline", "trl")}
     base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
-    spread = float(np.std(gaps, ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
-    lines.append(
-        f"mean over {len(runs)}: speedup {np.mean([run['speedup_vs_trl'] for run in runs]):.2f}x, eval loss gap "
-        f"{np.mean(gaps):+.4f} (standard error {spread:.4f}); loss drop from the base {base - mean['pipeline']:.4f} "
-        f"against TRL's {base - mean['trl']:.4f} ({(base - mean['pipeline']) / (base - mean['trl']):.3f}x)"
-    )
+    trl_loss = float(np.mean([run["rows"]["trl"]["eval_loss"] for run in runs]))
+    lines = [
+        f"{'seed':>4} {'row':14} {'epoch s':>7} {'TRL s':>7} {'speedup':>7} {'eval loss':>9} {'TRL':>8} {'gap':>8}"
+    ]
+    gaps: dict[str, list[float]] = {}
+    speedups: dict[str, list[float]] = {}
+    for run in runs:
+        seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
+        trl = run["rows"]["trl"]
+        for name, row in run["rows"].items():
+            if name == "trl":
+                continue
+            gaps.setdefault(name, []).append(row["eval_loss"] - trl["eval_loss"])
+            speedups.setdefault(name, []).append(trl["epoch_s"] / row["epoch_s"])
+            lines.append(
+                f"{seed:>4} {name:14} {row['epoch_s']:>7.1f} {trl['epoch_s']:>7.1f} {speedups[name][-1]:>6.2f}x "
+                f"{row['eval_loss']:>9.4f} {trl['eval_loss']:>8.4f} {gaps[name][-1]:>+8.4f}"
+            )
+    for name, gap in gaps.items():
+        error = float(np.std(gap, ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else float("nan")
+        drop = base - (trl_loss + float(np.mean(gap)))
+        lines.append(
+            f"{name}, mean over {len(gap)}: speedup {np.mean(speedups[name]):.2f}x, eval loss gap {np.mean(gap):+.4f} "
+            f"(standard error {error:.4f}); loss drop from the base {drop:.4f} against TRL's {base - trl_loss:.4f} "
+            f"({drop / (base - trl_loss):.3f}x)"
+        )
     return "\n".join(lines)
 
 

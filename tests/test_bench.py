@@ -70,27 +70,32 @@ def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_
     assert lines["pipeline_bf16"][-2:] == ["30.0x", "2.50x"]  # 600 / 20, TRL bf16's 50 / 20
 
 
-def test_the_long_context_seed_table_averages_the_runs_it_is_given(tmp_path, monkeypatch):
+def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("long_context", REPO / "bench/long_context.py")
     long_context = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(long_context)
     files = []
-    for seed, (pipeline_loss, trl_loss) in {42: (11.0, 10.0), 43: (12.0, 12.5)}.items():
+    for seed, (pipeline_loss, fp32_loss, trl_loss) in {42: (11.0, 10.5, 10.0), 43: (12.0, 12.5, 12.5)}.items():
         run = {
             "command": f"python bench/long_context.py --seed {seed}",
             "profile": {"base_eval_loss": 14.0},
             "rows": {
                 "pipeline": {"epoch_s": 10.0, "eval_loss": pipeline_loss},
+                "pipeline_fp32": {"epoch_s": 12.0, "eval_loss": fp32_loss},
                 "trl": {"epoch_s": 30.0, "eval_loss": trl_loss},
             },
-            "speedup_vs_trl": 3.0,
-            "eval_loss_difference": pipeline_loss - trl_loss,
         }
         files.append(tmp_path / f"seed{seed}.json")
         files[-1].write_text(json.dumps(run))
     lines = long_context.seed_summary(files).splitlines()
-    assert [line.split()[0] for line in lines[1:3]] == ["42", "43"]
-    assert lines[1].split()[-1] == "+1.0000" and lines[2].split()[-1] == "-0.5000"
-    # mean gap (1.0 - 0.5) / 2; drops 14 - 11.5 = 2.5 against 14 - 11.25 = 2.75
-    assert "gap +0.2500 (standard error 0.7500)" in lines[3] and "2.5000 against TRL's 2.7500 (0.909x)" in lines[3]
+    assert [line.split()[:2] for line in lines[1:5]] == [
+        ["42", "pipeline"], ["42", "pipeline_fp32"], ["43", "pipeline"], ["43", "pipeline_fp32"]
+    ]  # fmt: skip
+    assert [line.split()[-1] for line in lines[1:5]] == ["+1.0000", "+0.5000", "-0.5000", "+0.0000"]
+    assert lines[2].split()[4] == "2.50x"  # TRL's 30 s over the row's 12
+    # pipeline: mean gap (1.0 - 0.5) / 2; drops 14 - 11.5 = 2.5 against 14 - 11.25 = 2.75
+    assert "gap +0.2500 (standard error 0.7500)" in lines[5] and "2.5000 against TRL's 2.7500 (0.909x)" in lines[5]
+    assert lines[6].startswith(
+        "pipeline_fp32, mean over 2: speedup 2.50x, eval loss gap +0.2500 (standard error 0.2500)"
+    )
