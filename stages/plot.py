@@ -34,7 +34,10 @@ from stages.common.paths import (  # noqa: E402
     TRAIN_METRICS,
 )
 
-KINDS = ("seed", "response")  # the two perplexities of metrics/perplexity.json
+KINDS = (
+    "seed",
+    "response",
+)  # the perplexities metrics/perplexity.json may hold (seed: unless eval.ppl.seed_way is off)
 MODELS = {"base": ("base", "tab:blue"), "finetuned": ("fine-tuned", "tab:orange")}
 KIND_LABELS = {"seed": "seed-comparable\n(all positions, padding included)", "response": "response only\n(honest)"}
 
@@ -55,14 +58,19 @@ def save_figure(fig: plt.Figure, target: Path, dpi: int) -> None:
     plt.close(fig)
 
 
+def measured_kinds(metrics: dict) -> list[str]:
+    return [kind for kind in KINDS if kind in metrics["base"]]
+
+
 def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     width = 0.38
+    kinds = measured_kinds(metrics)
     for offset, (model, (label, color)) in zip((-width / 2, width / 2), MODELS.items(), strict=True):
-        values = [metrics[model][kind] for kind in KINDS]
-        bars = ax.bar([i + offset for i in range(len(KINDS))], values, width, label=label, color=color)
+        values = [metrics[model][kind] for kind in kinds]
+        bars = ax.bar([i + offset for i in range(len(kinds))], values, width, label=label, color=color)
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
-    ax.set_xticks(range(len(KINDS)), [KIND_LABELS[k] for k in KINDS])
+    ax.set_xticks(range(len(kinds)), [KIND_LABELS[k] for k in kinds])
     ax.set_ylabel("perplexity on the eval split (lower is better)")
     ax.set_title(f"Perplexity, base vs fine-tuned ({metrics['rows']} held-out rows)")
     ax.margins(y=0.15)
@@ -88,7 +96,7 @@ def perplexity_table(metrics: dict, target: Path) -> None:
     with atomic_path(target) as tmp, tmp.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["bar", "model", "kind", "perplexity"])
-        for kind in KINDS:
+        for kind in measured_kinds(metrics):
             for model, (label, _) in MODELS.items():
                 writer.writerow([f"{kind}: {label}", label, kind, round(metrics[model][kind], 4)])
 
@@ -96,9 +104,12 @@ def perplexity_table(metrics: dict, target: Path) -> None:
 def results_markdown(perplexity: dict, cosine: dict, train: dict, harness: dict) -> str:
     """The figures a reader checks first, as a Markdown table, straight from the metrics files. No timings: the
     README holds a copy that tests compare with a fresh run, which any machine must reproduce."""
-    rows = [
-        ("perplexity, response only (honest)", perplexity["base"]["response"], perplexity["finetuned"]["response"]),
-        ("perplexity, seed way (padding included)", perplexity["base"]["seed"], perplexity["finetuned"]["seed"]),
+    rows = [("perplexity, response only (honest)", perplexity["base"]["response"], perplexity["finetuned"]["response"])]
+    if "seed" in perplexity["base"]:  # unless eval.ppl.seed_way was off
+        rows.append(
+            ("perplexity, seed way (padding included)", perplexity["base"]["seed"], perplexity["finetuned"]["seed"])
+        )
+    rows += [
         ("answer length, words (mean)", cosine["words"]["base"], cosine["words"]["finetuned"]),
         ("outputs running on past the answer", cosine["runs_on_share"]["base"], cosine["runs_on_share"]["finetuned"]),
     ]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stages.common.tokenized import TokenizedSplit
-from tests.dvc_project import TINY, make_project, run
+from tests.dvc_project import TINY, make_project, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,13 @@ def test_long_rows_are_cut_packed_trained_and_scored(tmp_path, long_model_dir, m
     perplexity = json.loads((root / "metrics/perplexity.json").read_text())
     assert all(math.isfinite(v) for side in ("base", "finetuned") for v in perplexity[side].values())
     assert perplexity["tokens"]["seed"] == 4 * (max_length - 1)  # every eval row padded to max_length, as the seed
+
+    # eval.ppl.seed_way off: only evaluate_ppl reruns, each batch padded to its own longest row, the same answer figure
+    set_params(root, {"eval.ppl.seed_way": False})
+    reran = stages_run(run(root, "dvc", "repro", "evaluate_ppl"))
+    answers_only = json.loads((root / "metrics/perplexity.json").read_text())
+    assert reran == {"evaluate_ppl"}
+    assert set(answers_only["finetuned"]) == set(answers_only["tokens"]) == {"response"}
+    assert answers_only["tokens"]["response"] == perplexity["tokens"]["response"]
+    for side in ("base", "finetuned"):
+        assert math.isclose(answers_only[side]["response"], perplexity[side]["response"], rel_tol=1e-4)

@@ -123,3 +123,61 @@ def test_long_rows_are_scored_a_chunk_of_positions_at_a_time_with_the_whole_logi
     for kind, (loss, count) in expected.items():
         assert chunked["tokens"][kind] == count
         assert math.isclose(chunked["perplexity"][kind], math.exp(loss / count), rel_tol=1e-5)
+
+
+def test_without_the_seed_figure_batches_are_padded_to_their_longest_row_for_the_same_answer_figure(
+    tiny_model_dir, tokenizer
+):
+    """eval.ppl.seed_way off: rows go longest first and each forward is only as wide as its longest row, far less
+    than max_length; the answer figure and its token count stay those of rows padded to max_length."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    lengths = (20, 90, 35, 60, 12)
+    rows = []
+    for length in lengths:
+        row = torch.randint(10, 1000, (length,)).tolist()
+        rows.append({"input_ids": row, "labels": row, "answer_spans": [[length // 3, length]]})
+    pad, max_length = tokenizer.pad_token_id, 256
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    answers_only = perplexities(model, rows, pad, max_length, batch_size=2, desc="test", seed_way=False)
+    hook.remove()
+    padded = perplexities(model, rows, pad, max_length, batch_size=2, desc="test")
+    assert widths == [(2, 90), (2, 35), (1, 12)]  # longest first: 90 and 60, then 35 and 20, then 12
+    assert set(answers_only["perplexity"]) == {"response"} and set(padded["perplexity"]) == {"seed", "response"}
+    assert answers_only["tokens"]["response"] == padded["tokens"]["response"]
+    assert math.isclose(answers_only["perplexity"]["response"], padded["perplexity"]["response"], rel_tol=1e-5)
+
+
+def test_figures_without_the_seed_way_perplexity_are_drawn_and_reported_without_it(tmp_path):
+    """eval.ppl.seed_way off: metrics/perplexity.json holds the answer figure only, and the chart, the dvc plots
+    table, the results report and the model card show that one and no seed-way row."""
+    import csv
+
+    from stages import plot
+    from stages.common import model_card
+    from stages.common.io import read_json
+    from tests.conftest import REPO
+
+    perplexity = read_json(REPO / "metrics/perplexity.json")
+    answers_only = {
+        key: ({"response": value["response"]} if isinstance(value, dict) else value)
+        for key, value in perplexity.items()
+    }
+    cosine, train = read_json(REPO / "metrics/cosine.json"), read_json(REPO / "dvclive/metrics.json")
+    harness = read_json(REPO / "metrics/harness.json")
+    for figures, seed_rows in ((perplexity, 1), (answers_only, 0)):
+        report = plot.results_markdown(figures, cosine, train, harness)
+        card = "\n".join(model_card.figures({"perplexity": figures, "cosine": cosine}))
+        assert report.count("perplexity, seed way") == card.count("perplexity, seed way") == seed_rows
+        assert "perplexity, response only" in report and "perplexity, answer tokens only" in card
+        plot.perplexity_table(figures, tmp_path / "table.csv")
+        with (tmp_path / "table.csv").open() as table:
+            kinds = {row["kind"] for row in csv.DictReader(table)}
+        assert kinds == ({"seed", "response"} if seed_rows else {"response"})
+        plot.perplexity_chart(figures, tmp_path / "chart.png", dpi=40)
+        assert (tmp_path / "chart.png").stat().st_size > 0

@@ -194,8 +194,11 @@ def figures(metrics: dict[str, Any] | None) -> list[str]:
         "| figure | base | fine-tuned |",
         "|---|---|---|",
         f"| perplexity, answer tokens only | {ppl['base']['response']:.3f} | {ppl['finetuned']['response']:.3f} |",
-        f"| perplexity, seed way (padding included) | {ppl['base']['seed']:.3f} | {ppl['finetuned']['seed']:.3f} |",
     ]
+    if "seed" in ppl["base"]:  # unless eval.ppl.seed_way was off
+        lines.append(
+            f"| perplexity, seed way (padding included) | {ppl['base']['seed']:.3f} | {ppl['finetuned']['seed']:.3f} |"
+        )
     if "to_reference" in cos:
         lines.append(
             f"| cosine to the reference answer | {cos['to_reference']['base']:.3f} | "

@@ -147,6 +147,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class PerplexityParams:
     batch_size: int = field(metadata=BATCH)
+    seed_way: bool  # also the seed's figure (rows padded to max_length); off: the answer figure only, far cheaper
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,17 @@
   recipe measured, comparable with its 9.61 -> 3.91 only.
 - `response`: only answer tokens count (prompt and padding ignored).
 Both are token-weighted: exp(sum of token losses / number of tokens) over all rows, whatever the batching.
+The seed figure costs a forward over `max_length` positions per row whatever the row's length; without it
+(`eval.ppl.seed_way: false`) rows go longest first and each batch is padded to its own longest row only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,6 +35,15 @@ def loss_sums(token_loss: torch.Tensor, response_mask: torch.Tensor) -> dict[str
         "seed": (token_loss.sum().item(), token_loss.numel()),
         "response": ((token_loss * mask).sum().item(), int(mask.sum().item())),
     }
+
+
+def batch_order(rows: Sequence[dict[str, Any]], seed_way: bool) -> np.ndarray:
+    """The order rows are scored in: as they come when every row is padded to max_length anyway (the seed figure),
+    else longest first, so each batch holds rows of like length and little padding."""
+    if seed_way:
+        return np.arange(len(rows))
+    lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int64, count=len(rows))
+    return np.argsort(-lengths, kind="stable")
 
 
 def response_mask(rows: list[dict[str, Any]], width: int) -> torch.Tensor:
@@ -58,20 +71,31 @@ def ambient_autocast(device_type: str) -> torch.dtype | None:
 
 @torch.no_grad()
 def perplexities(
-    model: Any, rows: list[dict[str, Any]], pad_token_id: int, max_length: int, batch_size: int, desc: str
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    max_length: int,
+    batch_size: int,
+    desc: str,
+    seed_way: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Both kinds over `rows`, `batch_size` rows padded to `max_length` per forward. Memory is bounded by the batch:
-    the output head runs outside the model, so no batch's logits exist whole (stages/common/output_head.py)."""
-    totals = {kind: [0.0, 0] for kind in KINDS}
+    """Both kinds over `rows` (`response` only unless `seed_way`), `batch_size` rows per forward, padded to
+    `max_length` for the seed figure, else to the batch's longest row. Memory is bounded by the batch: the output head
+    runs outside the model, so no batch's logits exist whole (stages/common/output_head.py)."""
+    kinds = KINDS if seed_way else ("response",)
+    totals = {kind: [0.0, 0] for kind in kinds}
+    order = batch_order(rows, seed_way)
     with head_outside(model, ambient_autocast(model.device.type), sharded=False, training=False) as head:
         for start in tqdm(range(0, len(rows), batch_size), desc=desc):
-            chunk = rows[start : start + batch_size]
-            batch = pad_batch(chunk, pad_token_id, pad_token_id, pad_to=max_length)
+            chunk = [rows[int(i)] for i in order[start : start + batch_size]]
+            batch = pad_batch(chunk, pad_token_id, pad_token_id, pad_to=max_length if seed_way else None)
             ids = batch["input_ids"].to(model.device)
             token_loss = batch_token_losses(model, ids, batch["attention_mask"].to(model.device), head)
-            for kind, (loss, count) in loss_sums(token_loss, response_mask(chunk, max_length).to(model.device)).items():
-                totals[kind][0] += loss
-                totals[kind][1] += count
+            answers = response_mask(chunk, ids.shape[1]).to(model.device)
+            for kind, (loss, count) in loss_sums(token_loss, answers).items():
+                if kind in totals:
+                    totals[kind][0] += loss
+                    totals[kind][1] += count
     return {
         "perplexity": {k: math.exp(loss / count) if count else float("nan") for k, (loss, count) in totals.items()},
         "tokens": {k: count for k, (_, count) in totals.items()},
