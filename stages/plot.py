@@ -34,10 +34,8 @@ from stages.common.paths import (  # noqa: E402
     TRAIN_METRICS,
 )
 
-KINDS = (
-    "seed",
-    "response",
-)  # the perplexities metrics/perplexity.json may hold (seed: unless eval.ppl.seed_way is off)
+# the perplexities metrics/perplexity.json may hold (seed: unless eval.ppl.seed_way is off)
+KINDS = ("seed", "response")
 MODELS = {"base": ("base", "tab:blue"), "finetuned": ("fine-tuned", "tab:orange")}
 KIND_LABELS = {"seed": "seed-comparable\n(all positions, padding included)", "response": "response only\n(honest)"}
 

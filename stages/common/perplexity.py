@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.common.loss import next_token_losses
 from stages.common.output_head import OutputHead, head_outside
-from stages.common.tokenized import pad_batch
+from stages.common.tokenized import TokenizedSplit, pad_batch
 
 KINDS = ("seed", "response")
 
@@ -42,7 +42,10 @@ def batch_order(rows: Sequence[dict[str, Any]], seed_way: bool) -> np.ndarray:
     else longest first, so each batch holds rows of like length and little padding."""
     if seed_way:
         return np.arange(len(rows))
-    lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int64, count=len(rows))
+    if isinstance(rows, TokenizedSplit):  # its lengths are stored: no row is read twice
+        lengths = rows.lengths
+    else:
+        lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int64, count=len(rows))
     return np.argsort(-lengths, kind="stable")
 
 
