@@ -20,7 +20,7 @@ quantization, bf16 compute):
   Should the seed profile not fit, the row runs again with activation checkpointing on.
 - TRL (bench/peers.py trl_packed_epoch): SFTTrainer with its own packing and its defaults, the same LoRA, optimizer
   and 16 rows per step.
-- with `--float32-frozen`, `pipeline_fp32`: the pipeline row again, its norms, embeddings and head made float32 before
+- with `--float32-frozen`, `pipeline_fp32`: the pipeline row again, its norms and input embeddings made float32 before
   LoRA is attached, as TRL's QLoRA preparation makes them (the stage keeps them bf16 under bf16 training).
 Every eval loss (the untrained base's, each row's) comes from one scorer, finetune_speed.response_eval_loss, on one
 base loaded afresh with each row's saved adapter: token-weighted over the answer tokens of the pipeline's tokenized
@@ -80,16 +80,23 @@ PROFILE = {
     "train.gpu_memory_gib": GPU_BUDGET_GIB,
 }
 CHECKPOINTING = {"train.gradient_checkpointing": True}
-# --float32-frozen's row: before LoRA is attached, every weight that is not 4-bit (norms, embeddings, head) becomes
-# float32, as peft's prepare_model_for_kbit_training (which TRL runs on a 4-bit base) makes it; the stage does that
-# under fp16 only (stages/finetuning/model.py). An experiment, so no param: it asks whether the residual stream's
-# precision explains the eval-loss gap to TRL.
+PIPELINE_TRIES = (("pipeline, seed profile", {}), ("pipeline, activation checkpointing", CHECKPOINTING))
+# --float32-frozen's row: before LoRA is attached, the norms and input embeddings become float32, as peft's
+# prepare_model_for_kbit_training (which TRL runs on a 4-bit base) makes them, so the residual stream between the
+# layers is float32; the stage does that under fp16 only (stages/finetuning/model.py). The output head stays bf16:
+# autocast runs its matmul in bf16 either way, and a float32 head would be cast afresh for each of the loss's chunks
+# (the first try of this row ran out of the 24 GiB budget so). With a float32 stream bitsandbytes returns each 4-bit
+# layer's output in float32 too (the MLP's 14,336-wide ones included), so neither the seed profile nor the automatic
+# micro-batch fit 24 GiB on an H100: the row runs with activation checkpointing and 2 rows per pass, as TRL's row
+# checkpoints. An experiment, so no param: it asks whether the residual stream's precision explains the eval-loss gap.
+FLOAT32_TRIES = (("pipeline, float32 stream", CHECKPOINTING | {"train.micro_batch_size": 2}),)
 FLOAT32_FROZEN = """
 import stages.finetuning.model as chosen
 attach_lora = chosen.attach_lora
 def float32_then_attach(model, params):
-    made = [w for w in model.parameters() if w.dtype in (torch.float16, torch.bfloat16)]  # 4-bit ones are uint8
-    for weight in made:
+    head = model.get_output_embeddings().weight
+    made = [w for w in model.parameters() if w.dtype in (torch.float16, torch.bfloat16) and w is not head]
+    for weight in made:  # 4-bit weights are uint8
         weight.data = weight.data.float()
     print(f"float32-frozen: {len(made)} weights, {sum(w.numel() for w in made) / 1e6:.1f}M params", flush=True)
     return attach_lora(model, params)
@@ -133,9 +140,10 @@ def long_tailed_records(count: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
-def pipeline_row(pipe: Pipeline, train_records: int, prelude: str = "") -> dict[str, Any]:
-    """The finetune stage's whole epoch; with activation checkpointing if the seed profile does not fit the budget."""
-    for label, overrides in (("pipeline, seed profile", {}), ("pipeline, activation checkpointing", CHECKPOINTING)):
+def pipeline_row(pipe: Pipeline, train_records: int, prelude: str = "", tries=PIPELINE_TRIES) -> dict[str, Any]:
+    """The finetune stage's whole epoch under the first of `tries` that fits the budget: by default the seed profile,
+    then activation checkpointing."""
+    for label, overrides in tries:
         try:
             row = pipe.finetune(label, overrides, profile=False, prelude=prelude)
         except SystemExit as err:
@@ -189,7 +197,8 @@ def summary(report: dict[str, Any]) -> str:
 
 def seed_summary(files: list[Path]) -> str:
     """Each run (a seed each) against TRL, and the means: one seed's eval-loss gap is within the seed-to-seed spread.
-    A line per run and row that is not TRL's (`pipeline`, and `pipeline_fp32` where it ran)."""
+    A line per run and row that is not TRL's (`pipeline`, and `pipeline_fp32` where it ran); a row beside the pipeline's
+    is also set against the pipeline's at the same seeds (same data order and LoRA init: a tighter comparison)."""
     runs = [json.loads(file.read_text()) for file in files]
     base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
     trl_loss = float(np.mean([run["rows"]["trl"]["eval_loss"] for run in runs]))
@@ -198,6 +207,7 @@ def seed_summary(files: list[Path]) -> str:
     ]
     gaps: dict[str, list[float]] = {}
     speedups: dict[str, list[float]] = {}
+    against_pipeline: dict[str, list[float]] = {}
     for run in runs:
         seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
         trl = run["rows"]["trl"]
@@ -206,6 +216,8 @@ def seed_summary(files: list[Path]) -> str:
                 continue
             gaps.setdefault(name, []).append(row["eval_loss"] - trl["eval_loss"])
             speedups.setdefault(name, []).append(trl["epoch_s"] / row["epoch_s"])
+            if name != "pipeline" and "pipeline" in run["rows"]:
+                against_pipeline.setdefault(name, []).append(row["eval_loss"] - run["rows"]["pipeline"]["eval_loss"])
             lines.append(
                 f"{seed:>4} {name:14} {row['epoch_s']:>7.1f} {trl['epoch_s']:>7.1f} {speedups[name][-1]:>6.2f}x "
                 f"{row['eval_loss']:>9.4f} {trl['eval_loss']:>8.4f} {gaps[name][-1]:>+8.4f}"
@@ -218,6 +230,9 @@ def seed_summary(files: list[Path]) -> str:
             f"(standard error {error:.4f}); loss drop from the base {drop:.4f} against TRL's {base - trl_loss:.4f} "
             f"({drop / (base - trl_loss):.3f}x)"
         )
+    for name, differences in against_pipeline.items():
+        each = " ".join(f"{difference:+.4f}" for difference in differences)
+        lines.append(f"{name} minus pipeline, same seeds: {each}; mean {np.mean(differences):+.4f}")
     return "\n".join(lines)
 
 
@@ -233,7 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--float32-frozen",
         action="store_true",
-        help="add a pipeline row whose norms, embeddings and head are float32, as TRL's QLoRA preparation makes them",
+        help="add a pipeline row whose norms and input embeddings are float32, as TRL's QLoRA preparation makes them",
     )
     parser.add_argument(
         "--summarize", type=Path, nargs="+", help="print the seed table of these result files, run none"
@@ -299,11 +314,13 @@ def main() -> None:
         print(f"\ndevice: {device}\n{summary(report)}", flush=True)
 
     adapters = {}
-    pipeline_rows = {"pipeline": ""} | ({"pipeline_fp32": FLOAT32_FROZEN} if args.float32_frozen else {})
-    for name, prelude in pipeline_rows.items():
+    pipeline_rows = {"pipeline": ("", PIPELINE_TRIES)}
+    if args.float32_frozen:
+        pipeline_rows["pipeline_fp32"] = (FLOAT32_FROZEN, FLOAT32_TRIES)
+    for name, (prelude, tries) in pipeline_rows.items():
         if name in skip:
             continue
-        row = pipeline_row(pipe, len(train_split), prelude)
+        row = pipeline_row(pipe, len(train_split), prelude, tries)
         keep = ("variant", "epoch_s", "steps", "s_per_step", "first_step_s", "probe_s", "graphs_s", "eval_s",
                 "micro_batch_size", "peak_gib", "train_loss", "load_s")  # fmt: skip
         report["rows"][name] = {key: row[key] for key in keep} | {"eval_loss_stage": row["eval_loss"]}

@@ -99,3 +99,4 @@ def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, mon
     assert lines[6].startswith(
         "pipeline_fp32, mean over 2: speedup 2.50x, eval loss gap +0.2500 (standard error 0.2500)"
     )
+    assert lines[7] == "pipeline_fp32 minus pipeline, same seeds: -0.5000 +0.5000; mean +0.0000"
