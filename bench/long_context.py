@@ -79,16 +79,18 @@ PROFILE = {
     "train.effective_batch_size": ROWS_PER_STEP,
     "train.gpu_memory_gib": GPU_BUDGET_GIB,
 }
-CHECKPOINTING = {"train.gradient_checkpointing": True}
+# checkpointing frees nothing under the seed profile's CUDA graphs (stages/common/params.py): those go off
+CHECKPOINTING = {"train.gradient_checkpointing": True, "train.cuda_graphs": False}
 PIPELINE_TRIES = (("pipeline, seed profile", {}), ("pipeline, activation checkpointing", CHECKPOINTING))
 # --float32-frozen's row: before LoRA is attached, the norms and input embeddings become float32, as peft's
 # prepare_model_for_kbit_training (which TRL runs on a 4-bit base) makes them, so the residual stream between the
 # layers is float32; the stage does that under fp16 only (stages/finetuning/model.py). The output head stays bf16:
-# autocast runs its matmul in bf16 either way, and a float32 head would be cast afresh for each of the loss's chunks
-# (the first try of this row ran out of the 24 GiB budget so). With a float32 stream bitsandbytes returns each 4-bit
-# layer's output in float32 too (the MLP's 14,336-wide ones included), so neither the seed profile nor the automatic
-# micro-batch fit 24 GiB on an H100: the row runs with activation checkpointing and 2 rows per pass, as TRL's row
-# checkpoints. An experiment, so no param: it asks whether the residual stream's precision explains the eval-loss gap.
+# autocast runs its matmul in bf16 either way, and a float32 head would be cast afresh for each of the loss's chunks.
+# With a float32 stream bitsandbytes returns each 4-bit layer's output in float32 too (the MLP's 14,336-wide ones
+# included): the seed profile's probe found not even 1 row a pass fitting 24 GiB on an H100, so the row runs with
+# activation checkpointing and 2 rows per pass, as TRL's row checkpoints (the rows of 2026-12-05 ran with the CUDA
+# graphs still on: docs/gpu-speed.md). An experiment, so no param: it asks whether the residual stream's precision
+# explains the eval-loss gap.
 FLOAT32_TRIES = (("pipeline, float32 stream", CHECKPOINTING | {"train.micro_batch_size": 2}),)
 FLOAT32_FROZEN = """
 import stages.finetuning.model as chosen
@@ -201,12 +203,12 @@ def seed_summary(files: list[Path]) -> str:
     is also set against the pipeline's at the same seeds (same data order and LoRA init: a tighter comparison)."""
     runs = [json.loads(file.read_text()) for file in files]
     base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
-    trl_loss = float(np.mean([run["rows"]["trl"]["eval_loss"] for run in runs]))
     lines = [
         f"{'seed':>4} {'row':14} {'epoch s':>7} {'TRL s':>7} {'speedup':>7} {'eval loss':>9} {'TRL':>8} {'gap':>8}"
     ]
     gaps: dict[str, list[float]] = {}
     speedups: dict[str, list[float]] = {}
+    trl_losses: dict[str, list[float]] = {}  # TRL's at the seeds where the row ran
     against_pipeline: dict[str, list[float]] = {}
     for run in runs:
         seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
@@ -215,6 +217,7 @@ def seed_summary(files: list[Path]) -> str:
             if name == "trl":
                 continue
             gaps.setdefault(name, []).append(row["eval_loss"] - trl["eval_loss"])
+            trl_losses.setdefault(name, []).append(trl["eval_loss"])
             speedups.setdefault(name, []).append(trl["epoch_s"] / row["epoch_s"])
             if name != "pipeline" and "pipeline" in run["rows"]:
                 against_pipeline.setdefault(name, []).append(row["eval_loss"] - run["rows"]["pipeline"]["eval_loss"])
@@ -224,6 +227,7 @@ def seed_summary(files: list[Path]) -> str:
             )
     for name, gap in gaps.items():
         error = float(np.std(gap, ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else float("nan")
+        trl_loss = float(np.mean(trl_losses[name]))
         drop = base - (trl_loss + float(np.mean(gap)))
         lines.append(
             f"{name}, mean over {len(gap)}: speedup {np.mean(speedups[name]):.2f}x, eval loss gap {np.mean(gap):+.4f} "

@@ -46,16 +46,17 @@ def train(params: Params) -> None:
         model, tokenizer = build_model(params, runtime)
         live = live_metrics() if runtime.is_main else None
         result = fit(model, data, params, runtime, live)
-    except torch.OutOfMemoryError:
-        raise PipelineError(out_of_memory(params.train.gpu_memory_gib)) from None
+    except torch.OutOfMemoryError as err:
+        raise PipelineError(out_of_memory(params.train.gpu_memory_gib, getattr(err, "where", None))) from None
     if live:
         save_outputs(model, tokenizer, params, result, data, runtime, live)
 
 
-def out_of_memory(budget_gib: float | None) -> str:
+def out_of_memory(budget_gib: float | None, where: str | None) -> str:
     within = f"the train.gpu_memory_gib budget of {budget_gib:g} GiB" if budget_gib else "the GPU's memory"
+    phase = f" in {where}" if where else ""
     return (
-        f"training ran out of {within}; no adapter was saved (lower train.micro_batch_size, set "
+        f"training ran out of {within}{phase}; no adapter was saved (lower train.micro_batch_size, set "
         "train.gradient_checkpointing true, load the base in 4-bit with model.quantization nf4, or shard it over "
         "several GPUs with train.parallelism fsdp)"
     )

@@ -76,27 +76,29 @@ def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, mon
     long_context = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(long_context)
     files = []
-    for seed, (pipeline_loss, fp32_loss, trl_loss) in {42: (11.0, 10.5, 10.0), 43: (12.0, 12.5, 12.5)}.items():
-        run = {
-            "command": f"python bench/long_context.py --seed {seed}",
-            "profile": {"base_eval_loss": 14.0},
-            "rows": {
-                "pipeline": {"epoch_s": 10.0, "eval_loss": pipeline_loss},
-                "pipeline_fp32": {"epoch_s": 12.0, "eval_loss": fp32_loss},
-                "trl": {"epoch_s": 30.0, "eval_loss": trl_loss},
-            },
+    losses = {42: (11.0, 10.5, 10.0), 43: (12.0, 12.5, 12.5), 44: (13.0, None, 12.0)}  # pipeline, fp32, TRL
+    for seed, (pipeline_loss, fp32_loss, trl_loss) in losses.items():
+        rows = {
+            "pipeline": {"epoch_s": 10.0, "eval_loss": pipeline_loss},
+            "pipeline_fp32": {"epoch_s": 12.0, "eval_loss": fp32_loss},
+            "trl": {"epoch_s": 30.0, "eval_loss": trl_loss},
         }
+        if fp32_loss is None:  # a row that ran at some seeds only
+            del rows["pipeline_fp32"]
+        run = {"command": f"python bench/long_context.py --seed {seed}", "profile": {"base_eval_loss": 14.0}}
         files.append(tmp_path / f"seed{seed}.json")
-        files[-1].write_text(json.dumps(run))
+        files[-1].write_text(json.dumps(run | {"rows": rows}))
     lines = long_context.seed_summary(files).splitlines()
-    assert [line.split()[:2] for line in lines[1:5]] == [
-        ["42", "pipeline"], ["42", "pipeline_fp32"], ["43", "pipeline"], ["43", "pipeline_fp32"]
+    assert [line.split()[:2] for line in lines[1:6]] == [
+        ["42", "pipeline"], ["42", "pipeline_fp32"], ["43", "pipeline"], ["43", "pipeline_fp32"], ["44", "pipeline"]
     ]  # fmt: skip
-    assert [line.split()[-1] for line in lines[1:5]] == ["+1.0000", "+0.5000", "-0.5000", "+0.0000"]
+    assert [line.split()[-1] for line in lines[1:6]] == ["+1.0000", "+0.5000", "-0.5000", "+0.0000", "+1.0000"]
     assert lines[2].split()[4] == "2.50x"  # TRL's 30 s over the row's 12
-    # pipeline: mean gap (1.0 - 0.5) / 2; drops 14 - 11.5 = 2.5 against 14 - 11.25 = 2.75
-    assert "gap +0.2500 (standard error 0.7500)" in lines[5] and "2.5000 against TRL's 2.7500 (0.909x)" in lines[5]
-    assert lines[6].startswith(
-        "pipeline_fp32, mean over 2: speedup 2.50x, eval loss gap +0.2500 (standard error 0.2500)"
+    # pipeline: mean gap (1.0 - 0.5 + 1.0) / 3; drops 14 - 12.0 = 2.0 against 14 - 11.5 = 2.5
+    assert "gap +0.5000 (standard error 0.5000)" in lines[6] and "2.0000 against TRL's 2.5000 (0.800x)" in lines[6]
+    # pipeline_fp32: against TRL at its own two seeds only (11.25), not at all three
+    assert lines[7] == (
+        "pipeline_fp32, mean over 2: speedup 2.50x, eval loss gap +0.2500 (standard error 0.2500); "
+        "loss drop from the base 2.5000 against TRL's 2.7500 (0.909x)"
     )
-    assert lines[7] == "pipeline_fp32 minus pipeline, same seeds: -0.5000 +0.5000; mean +0.0000"
+    assert lines[8] == "pipeline_fp32 minus pipeline, same seeds: -0.5000 +0.5000; mean +0.0000"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.common.errors import PipelineError
-from stages.finetuning.guards import check_finite_run, finite_loss_callback
+from stages.finetuning.guards import OutOfMemoryIn, check_finite_run, finite_loss_callback, running_out_in
 
 
 class Tiny(torch.nn.Module):
@@ -48,3 +48,37 @@ def test_more_processes_than_gpus_is_one_line_before_anything_starts():
 
     with pytest.raises(PipelineError, match=r"train.processes is 4 but this machine has 2 GPU\(s\)"):
         run_processes(4, "stages.finetune", gpus=2)
+
+
+def test_an_out_of_memory_error_is_named_by_its_innermost_phase_read_when_it_happens():
+    step = [1]
+    with pytest.raises(OutOfMemoryIn) as caught:
+        with running_out_in(lambda: f"optimizer step {step[0]}"):
+            step[0] = 5
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    assert caught.value.where == "optimizer step 5"
+    with pytest.raises(OutOfMemoryIn) as caught, running_out_in("training"), running_out_in("the evaluation"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert caught.value.where == "the evaluation"
+    with pytest.raises(ValueError), running_out_in("training"):  # only memory errors are named
+        raise ValueError("bad row")
+
+
+def test_the_stage_says_where_it_ran_out_of_memory_in_one_line():
+    from stages.finetune import out_of_memory
+
+    message = out_of_memory(24, "the evaluation (8 rows a pass)")
+    assert message.startswith("training ran out of the train.gpu_memory_gib budget of 24 GiB in the evaluation (8 rows")
+    assert "no adapter was saved" in message and "\n" not in message
+    assert out_of_memory(None, None).startswith("training ran out of the GPU's memory; no adapter was saved")
+
+
+def test_an_auto_micro_batch_of_which_not_even_one_row_fits_names_the_probe_and_the_row_width(monkeypatch):
+    from stages.finetuning import batching
+    from stages.finetuning.runtime import Runtime
+
+    monkeypatch.setattr(batching, "fits", lambda *args: False)
+    model = type("Model", (), {"device": torch.device("cpu")})()
+    probe = lambda micro, device: {"input_ids": torch.zeros(micro, 48, dtype=torch.long)}  # noqa: E731
+    with pytest.raises(OutOfMemoryIn, match=r"auto's probe: not even 1 row of 48 tokens fits"):
+        batching.pick_micro_batch(model, "auto", 16, Runtime(0, 0, 1, cuda=True), probe, "bf16")

@@ -240,6 +240,14 @@ def test_graphs_without_compile_stay_on_one_process():
     parse_params(with_overrides(seed, {"train.processes": 2, "train.compile": True}))
 
 
+def test_graphs_without_compile_refuse_activation_checkpointing():
+    seed = load_yaml(REPO / "profiles/seed.yaml")
+    with pytest.raises(PipelineError, match="train.gradient_checkpointing saves no memory under train.cuda_graphs"):
+        parse_params(with_overrides(seed, {"train.gradient_checkpointing": True}))
+    parse_params(with_overrides(seed, {"train.gradient_checkpointing": True, "train.cuda_graphs": False}))
+    parse_params(with_overrides(seed, {"train.gradient_checkpointing": True, "train.compile": True}))
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -94,3 +94,33 @@ def test_length_grouped_batches_come_from_the_stored_lengths_as_the_stock_sample
     torch.manual_seed(0)
     stock = list(LengthGroupedSampler(8, dataset=[{"input_ids": r["input_ids"]} for r in rows]))
     assert ours == stock and sorted(ours) == list(range(300))
+
+
+def test_running_out_of_memory_names_the_optimizer_step_or_the_evaluation(evaluation, monkeypatch, tmp_path):
+    from stages.finetuning.guards import OutOfMemoryIn
+
+    model, rows, meta, _, _ = evaluation
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=3, max_steps=3,
+        save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = TokenWeightedTrainer(
+        model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=Collator(meta)
+    )
+    forward, calls = model.forward, []
+
+    def running_out_on_the_third_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", running_out_on_the_third_pass)
+    with pytest.raises(OutOfMemoryIn) as caught:
+        trainer.train()
+    assert caught.value.where == "optimizer step 3 of 3 (2 rows a pass, train.micro_batch_size)"
+    calls.clear()
+    calls.extend([1, 1])
+    with pytest.raises(OutOfMemoryIn) as caught:
+        trainer.evaluate()
+    assert caught.value.where == "the evaluation (3 rows a pass)"

@@ -330,6 +330,11 @@ def _cross_field_problems(params: Params) -> list[str]:
             "train.cuda_graphs without train.compile runs on one process (not yet measured under DDP): "
             "set train.processes: 1 or train.compile: true"
         )
+    if eager_blocks_graphed and train.gradient_checkpointing:
+        problems.append(
+            "train.gradient_checkpointing saves no memory under train.cuda_graphs without train.compile (each block's "
+            "graph keeps its activations until its backward) and recomputes every block: set one of them false"
+        )
     if train.parallelism == "fsdp":
         problems += _sharding_problems(params)
     if padding == "packed" and train.group_by_length:

@@ -15,6 +15,7 @@ import torch
 from stages.common.models import autocast
 from stages.common.output_head import OutputHead, batch_loss
 from stages.common.tokenized import Collator
+from stages.finetuning.guards import OutOfMemoryIn
 from stages.finetuning.packing import PackedRows, collator_for, pack
 from stages.finetuning.runtime import Runtime
 
@@ -120,7 +121,10 @@ def pick_micro_batch(
     if not runtime.cuda:
         return per_process
     for micro in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
-        if fits(model, probe_batch(micro, model.device), precision, head):
+        batch = probe_batch(micro, model.device)
+        if fits(model, batch, precision, head):
             log.info("micro_batch_size auto -> %d", micro)
             return micro
-    raise torch.OutOfMemoryError("not even a micro-batch of 1 fits this GPU")
+    raise OutOfMemoryIn(
+        f"train.micro_batch_size auto's probe: not even 1 row of {batch['input_ids'].shape[1]} tokens fits"
+    )

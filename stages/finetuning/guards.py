@@ -1,9 +1,13 @@
 """Checks that stop a run before it saves something that looks trained but is not: a loss or a weight that is not a
-finite number (a learning rate far too high, an overflow in fp16) ends the stage with one line and no adapter."""
+finite number (a learning rate far too high, an overflow in fp16) ends the stage with one line and no adapter. A run
+that runs out of GPU memory says in which phase (the micro-batch probe, recording CUDA graphs, an optimizer step, the
+evaluation), since each phase has its own remedy."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,3 +44,23 @@ def check_finite_run(model: Any, loss: float, step: int) -> None:
     for name, weight in model.named_parameters():
         if weight.requires_grad and not torch.isfinite(weight).all():
             raise PipelineError(non_finite_message(f"non-finite values in {name}", step))
+
+
+class OutOfMemoryIn(torch.OutOfMemoryError):
+    """A GPU out-of-memory error that knows the phase it happened in (`where`, a phrase for the stage's message)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"out of memory in {where}")
+        self.where = where
+
+
+@contextlib.contextmanager
+def running_out_in(where: str | Callable[[], str]) -> Iterator[None]:
+    """Name the phase of an out-of-memory error raised inside; `where` may be a function, read when it happens (the
+    step number then). An inner phase's name wins over an outer one's."""
+    try:
+        yield
+    except OutOfMemoryIn:
+        raise
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryIn(where() if callable(where) else where) from None

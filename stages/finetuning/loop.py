@@ -26,7 +26,7 @@ from stages.finetuning.batching import BatchShapes, accumulation_steps, pick_mic
 from stages.finetuning.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.finetuning.compiled import copy_graphed_gradients
 from stages.finetuning.graphed import graph_blocks
-from stages.finetuning.guards import check_finite_run, finite_loss_callback
+from stages.finetuning.guards import check_finite_run, finite_loss_callback, running_out_in
 from stages.finetuning.live import short_run_callback
 from stages.finetuning.packed_attention import use_for_packed_rows
 from stages.finetuning.runtime import Runtime
@@ -99,7 +99,8 @@ def _fit(
     if train.cuda_graphs and not train.compile and runtime.cuda:  # recorded now, on the batch shape training runs
         graphs_started = time.perf_counter()
         model.train()
-        graph_blocks(model, shapes.probe_batch(micro, model.device), train.precision)
+        with running_out_in(f"recording train.cuda_graphs ({micro} rows a pass)"):
+            graph_blocks(model, shapes.probe_batch(micro, model.device), train.precision)
         graphs_seconds = time.perf_counter() - graphs_started
     if train.cuda_graphs and args.gradient_accumulation_steps > 1:
         copy_graphed_gradients(model)

@@ -15,6 +15,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from stages.common.loss import next_token_losses
 from stages.common.output_head import OutputHead
 from stages.common.tokenized import IGNORE_INDEX
+from stages.finetuning.guards import running_out_in
 
 
 def eval_passes(rows: int, processes: int, batch: int) -> int:
@@ -68,9 +69,22 @@ class TokenWeightedTrainer(Trainer):
             return value
         return self.accelerator.reduce(torch.tensor(value, device=self.args.device), reduction="mean").item()
 
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def where() -> str:
+            step, rows = self.state.global_step + 1, self.args.per_device_train_batch_size
+            return f"optimizer step {step} of {self.state.max_steps} ({rows} rows a pass, train.micro_batch_size)"
+
+        with running_out_in(where):
+            return super().training_step(*args, **kwargs)
+
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
+        rows = self.args.per_device_eval_batch_size
+        with running_out_in(f"the evaluation ({rows} rows a pass)"):
+            return self._token_weighted_evaluation(eval_dataset, metric_key_prefix)
+
+    def _token_weighted_evaluation(self, eval_dataset: Any, metric_key_prefix: str) -> dict[str, float]:
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
         shard = rows[self.args.process_index :: self.args.world_size]
         size, device = self.args.per_device_eval_batch_size, self.args.device
