@@ -57,8 +57,8 @@ def out_of_memory(budget_gib: float | None, where: str | None) -> str:
     phase = f" in {where}" if where else ""
     return (
         f"training ran out of {within}{phase}; no adapter was saved (lower train.micro_batch_size, set "
-        "train.gradient_checkpointing true, load the base in 4-bit with model.quantization nf4, or shard it over "
-        "several GPUs with train.parallelism fsdp)"
+        "train.gradient_checkpointing true with train.cuda_graphs false, load the base in 4-bit with "
+        "model.quantization nf4, or shard it over several GPUs with train.parallelism fsdp)"
     )
 
 

@@ -190,3 +190,15 @@ def test_step_clock_of_a_one_step_run_has_no_steady_rate(monkeypatch):
         "step_seconds": 0.0,
         "eval_seconds": 0.0,
     }
+
+
+@pytest.mark.parametrize(("checkpointing", "eval_rows"), [(False, 8), (True, 2)])
+def test_evaluation_passes_are_4x_the_micro_batch_unless_training_checkpoints(checkpointing, eval_rows, monkeypatch):
+    from stages.common.params import parse_params, with_overrides
+    from stages.finetuning.loop import training_arguments
+    from tests.conftest import REPO, load_yaml
+
+    overrides = {"train.gradient_checkpointing": checkpointing, "train.micro_batch_size": 2}
+    params = parse_params(with_overrides(load_yaml(REPO / "params.yaml"), overrides))
+    args = training_arguments(params, 2, CPU)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (2, eval_rows)

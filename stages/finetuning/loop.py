@@ -189,9 +189,10 @@ def training_arguments(params: Params, micro: int, runtime: Runtime) -> Any:
     args = TrainingArguments(
         output_dir=str(CHECKPOINT_DIR),
         per_device_train_batch_size=micro,
-        # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training does;
-        # fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
-        per_device_eval_batch_size=4 * micro,
+        # Evaluation keeps no activations for backward, so 4x the training micro-batch fits where training keeps
+        # them all; fewer, larger batches matter because evaluation runs eagerly (stages/finetuning/trainer.py).
+        # Under activation checkpointing training keeps few: evaluation takes the micro-batch, which surely fits.
+        per_device_eval_batch_size=micro if train.gradient_checkpointing else 4 * micro,
         gradient_accumulation_steps=accumulation_steps(train.effective_batch_size, micro, runtime.world_size),
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
