@@ -70,11 +70,32 @@ def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_
     assert lines["pipeline_bf16"][-2:] == ["30.0x", "2.50x"]  # 600 / 20, TRL bf16's 50 / 20
 
 
-def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, monkeypatch):
+def load_long_context(monkeypatch) -> Any:
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("long_context", REPO / "bench/long_context.py")
-    long_context = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(long_context)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_long_context_pipeline_try_has_valid_params(tmp_path, monkeypatch):
+    """The profile's rows only run on a GPU: a fallback the params refuse (checkpointing under the seed profile's
+    CUDA graphs) would show only there, as a row that never ran."""
+    long_context = load_long_context(monkeypatch)
+    pipe = BENCH.Pipeline(
+        tmp_path / "pipeline", tmp_path / "random-llama", smoke=False, profile=long_context.PROFILE,
+        model_link=long_context.MODEL_LINK,
+    )  # fmt: skip
+    tries = [*long_context.PIPELINE_TRIES, *long_context.FLOAT32_TRIES]
+    for label, overrides in tries:
+        params = parse_params(pipe.params(overrides), f"long_context try {label!r}")
+        for dotted, value in overrides.items():
+            assert functools.reduce(getattr, dotted.split("."), params) == value, dotted
+    assert len(tries) == 3
+
+
+def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, monkeypatch):
+    long_context = load_long_context(monkeypatch)
     files = []
     losses = {42: (11.0, 10.5, 10.0), 43: (12.0, 12.5, 12.5), 44: (13.0, None, 12.0)}  # pipeline, fp32, TRL
     for seed, (pipeline_loss, fp32_loss, trl_loss) in losses.items():
