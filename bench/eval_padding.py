@@ -29,7 +29,7 @@ from scale import machine  # noqa: E402
 
 from stages.common.models import load_base_model  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
-from stages.common.perplexity import batch_order, perplexities  # noqa: E402
+from stages.common.perplexity import perplexities  # noqa: E402
 
 MEDIAN_TOKENS, SIGMA = 230, 1.2
 
@@ -42,15 +42,6 @@ def long_tailed_rows(count: int, max_length: int, vocabulary: int, seed: int = 7
         ids = rng.integers(10, vocabulary, length).tolist()
         rows.append({"input_ids": ids, "labels": ids, "answer_spans": [[length // 2, length]]})
     return rows
-
-
-def forward_positions(rows: list[dict], batch_size: int, max_length: int, seed_way: bool) -> int:
-    """Positions the forwards cover: rows x max_length padded the seed's way, else each batch x its longest row."""
-    if seed_way:
-        return len(rows) * max_length
-    order = batch_order(rows, seed_way=False)
-    batches = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    return sum(len(batch) * max(len(rows[int(i)]["input_ids"]) for i in batch) for batch in batches)
 
 
 def main() -> None:
@@ -73,10 +64,9 @@ def main() -> None:
     for seed_way in (True, False):
         started = time.perf_counter()
         figures = perplexities(model, rows, pad, args.max_length, args.batch_size, f"seed_way {seed_way}", seed_way)
-        results[seed_way] = (time.perf_counter() - started, figures["perplexity"]["response"])
+        results[seed_way] = (time.perf_counter() - started, figures["positions"], figures["perplexity"]["response"])
     print(f"\n{'eval.ppl.seed_way':18} {'seconds':>8} {'positions':>10} {'answer ppl':>11} {'time':>7}")
-    for seed_way, (seconds, answer) in results.items():
-        positions = forward_positions(rows, args.batch_size, args.max_length, seed_way)
+    for seed_way, (seconds, positions, answer) in results.items():
         print(
             f"{str(seed_way).lower():18} {seconds:>8.1f} {positions:>10} {answer:>11.4f} "
             f"{seconds / results[True][0]:>6.3f}x"

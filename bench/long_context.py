@@ -3,6 +3,7 @@
     python bench/finetune_speed.py --save-tokenizer .bench/tokenizer        # here; carry it to the GPU machine
     python bench/long_context.py --tokenizer .bench/tokenizer --peers-site /tmp/peers   # one GPU
     python bench/long_context.py --smoke       # CPU check of the script itself: tiny Llama, a few records
+    python bench/long_context.py --smoke --records 200,50 --seed N   # the float32 recipe check (docs/gpu-speed.md)
 
 The base is Llama-3-8B's configuration (meta-llama/Meta-Llama-3-8B's config.json: 32 layers of 4,096, 8 key/value
 heads for 32 query heads, MLP 14,336, vocabulary 128,256, rope theta 500,000) with random weights, saved once as a
@@ -67,6 +68,7 @@ LLAMA3_8B = dict(
 SMOKE_SHAPE = LLAMA3_8B | dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+BASE_SMOKE = "Llama-3-8B's vocabulary and heads at 2 layers of 64, random weights, float32, no quantization"
 MAX_LENGTH, ROWS_PER_STEP, GPU_BUDGET_GIB = 2048, 16, 24
 TRAIN_RECORDS, EVAL_RECORDS, SMOKE_RECORDS = 2000, 200, (24, 6)
 MEDIAN_WORDS, SIGMA = 120, 1.2
@@ -203,6 +205,7 @@ def seed_summary(files: list[Path]) -> str:
     is also set against the pipeline's at the same seeds (same data order and LoRA init: a tighter comparison)."""
     runs = [json.loads(file.read_text()) for file in files]
     base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
+    digits = loss_digits(base - float(np.mean([run["rows"]["trl"]["eval_loss"] for run in runs])))
     lines = [
         f"{'seed':>4} {'row':14} {'epoch s':>7} {'TRL s':>7} {'speedup':>7} {'eval loss':>9} {'TRL':>8} {'gap':>8}"
     ]
@@ -223,21 +226,38 @@ def seed_summary(files: list[Path]) -> str:
                 against_pipeline.setdefault(name, []).append(row["eval_loss"] - run["rows"]["pipeline"]["eval_loss"])
             lines.append(
                 f"{seed:>4} {name:14} {row['epoch_s']:>7.1f} {trl['epoch_s']:>7.1f} {speedups[name][-1]:>6.2f}x "
-                f"{row['eval_loss']:>9.4f} {trl['eval_loss']:>8.4f} {gaps[name][-1]:>+8.4f}"
+                f"{row['eval_loss']:>9.{digits}f} {trl['eval_loss']:>8.{digits}f} {gaps[name][-1]:>+8.{digits}f}"
             )
     for name, gap in gaps.items():
         error = float(np.std(gap, ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else float("nan")
         trl_loss = float(np.mean(trl_losses[name]))
         drop = base - (trl_loss + float(np.mean(gap)))
         lines.append(
-            f"{name}, mean over {len(gap)}: speedup {np.mean(speedups[name]):.2f}x, eval loss gap {np.mean(gap):+.4f} "
-            f"(standard error {error:.4f}); loss drop from the base {drop:.4f} against TRL's {base - trl_loss:.4f} "
-            f"({drop / (base - trl_loss):.3f}x)"
+            f"{name}, mean over {len(gap)}: speedup {np.mean(speedups[name]):.2f}x, eval loss gap "
+            f"{np.mean(gap):+.{digits}f} (standard error {error:.{digits}f}); loss drop from the base "
+            f"{drop:.{digits}f} against TRL's {base - trl_loss:.{digits}f} ({drop / (base - trl_loss):.3f}x)"
         )
     for name, differences in against_pipeline.items():
-        each = " ".join(f"{difference:+.4f}" for difference in differences)
-        lines.append(f"{name} minus pipeline, same seeds: {each}; mean {np.mean(differences):+.4f}")
+        each = " ".join(f"{difference:+.{digits}f}" for difference in differences)
+        lines.append(f"{name} minus pipeline, same seeds: {each}; mean {np.mean(differences):+.{digits}f}")
     return "\n".join(lines)
+
+
+def loss_digits(drop: float) -> int:
+    """Decimals that show a loss drop of `drop` to 4 significant digits, at least 4: a CPU run's drop of 0.004
+    (the float32 check) needs 6, the GPU profile's 0.7 needs 4."""
+    return max(4, 3 - math.floor(math.log10(abs(drop)))) if drop else 4
+
+
+def record_counts(text: str) -> tuple[int, int]:
+    """`--records TRAIN,EVAL`: two positive counts."""
+    try:
+        train, evaluation = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TRAIN,EVAL, two whole numbers") from None
+    if min(train, evaluation) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both counts must be at least 1")
+    return train, evaluation
 
 
 def main() -> None:
@@ -249,6 +269,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="rows to leave out: pipeline, trl")
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: checks the script, not speed")
     parser.add_argument("--seed", type=int, default=42, help="both rows' training seed (LoRA init, dropout, order)")
+    parser.add_argument(
+        "--records", help="TRAIN,EVAL records instead of the profile's 2000,200 (--smoke: 24,6)", type=record_counts
+    )
     parser.add_argument(
         "--float32-frozen",
         action="store_true",
@@ -270,10 +293,10 @@ def main() -> None:
     build_random_llama(model_dir, args.tokenizer, args.smoke)
     print(f"model ready in {time.perf_counter() - started:.0f} s", flush=True)
 
-    train_count, eval_count = SMOKE_RECORDS if args.smoke else (TRAIN_RECORDS, EVAL_RECORDS)
+    train_count, eval_count = args.records or (SMOKE_RECORDS if args.smoke else (TRAIN_RECORDS, EVAL_RECORDS))
     profile = PROFILE | {"data.train_size": train_count, "data.eval_size": eval_count, "train.seed": args.seed}
-    if args.smoke:
-        profile |= {"tokenize.max_length": 256, "train.effective_batch_size": 4, "model.quantization": "none"}
+    if args.smoke:  # 8 rows a step: TRL's micro-batch, so its row needs no accumulation and both see 8 rows a step
+        profile |= {"tokenize.max_length": 256, "train.effective_batch_size": 8, "model.quantization": "none"}
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, model_link=MODEL_LINK)
     raw = pipe.root / "data/raw/long.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +313,7 @@ def main() -> None:
         "device": device,
         "command": "python bench/long_context.py " + " ".join(sys.argv[1:]),
         "profile": {
-            "base": "Llama-3-8B configuration, random weights, nf4 4-bit, bf16 compute",
+            "base": BASE_SMOKE if args.smoke else "Llama-3-8B configuration, random weights, nf4 4-bit, bf16 compute",
             "max_length": max_length,
             "records": {"train": len(train_split), "eval": len(eval_split)},
             "answer_words": f"log-normal, median {MEDIAN_WORDS}, sigma {SIGMA}, seed 7",

@@ -34,9 +34,8 @@ from stages.common.paths import (  # noqa: E402
     TRAIN_METRICS,
 )
 
-# the perplexities metrics/perplexity.json may hold (seed: unless eval.ppl.seed_way is off)
-KINDS = ("seed", "response")
 MODELS = {"base": ("base", "tab:blue"), "finetuned": ("fine-tuned", "tab:orange")}
+# each perplexity metrics/perplexity.json may hold (seed: unless eval.ppl.seed_way is off), in the chart's order
 KIND_LABELS = {"seed": "seed-comparable\n(all positions, padding included)", "response": "response only\n(honest)"}
 
 
@@ -57,7 +56,7 @@ def save_figure(fig: plt.Figure, target: Path, dpi: int) -> None:
 
 
 def measured_kinds(metrics: dict) -> list[str]:
-    return [kind for kind in KINDS if kind in metrics["base"]]
+    return [kind for kind in KIND_LABELS if kind in metrics["base"]]
 
 
 def perplexity_chart(metrics: dict, target: Path, dpi: int) -> None:

@@ -123,3 +123,14 @@ def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, mon
         "loss drop from the base 2.5000 against TRL's 2.7500 (0.909x)"
     )
     assert lines[8] == "pipeline_fp32 minus pipeline, same seeds: -0.5000 +0.5000; mean +0.0000"
+
+
+def test_the_long_context_seed_table_shows_a_small_loss_drop_to_its_significant_digits(tmp_path, monkeypatch):
+    """The CPU float32 check moves the loss by 0.004: its gaps (1e-5) must not print as +0.0000."""
+    long_context = load_long_context(monkeypatch)
+    rows = {"pipeline": {"epoch_s": 10.0, "eval_loss": 11.769375}, "trl": {"epoch_s": 30.0, "eval_loss": 11.769397}}
+    run = {"command": "python bench/long_context.py --smoke --seed 1", "profile": {"base_eval_loss": 11.772646}}
+    (tmp_path / "seed1.json").write_text(json.dumps(run | {"rows": rows}))
+    lines = long_context.seed_summary([tmp_path / "seed1.json"]).splitlines()
+    assert lines[1].split()[-1] == "-0.000022"
+    assert "loss drop from the base 0.003271 against TRL's 0.003249" in lines[2]

@@ -148,6 +148,7 @@ def test_without_the_seed_figure_batches_are_padded_to_their_longest_row_for_the
     hook.remove()
     padded = perplexities(model, rows, pad, max_length, batch_size=2, desc="test")
     assert widths == [(2, 90), (2, 35), (1, 12)]  # longest first: 90 and 60, then 35 and 20, then 12
+    assert answers_only["positions"] == 2 * 90 + 2 * 35 + 12 and padded["positions"] == len(rows) * max_length
     assert set(answers_only["perplexity"]) == {"response"} and set(padded["perplexity"]) == {"seed", "response"}
     assert answers_only["tokens"]["response"] == padded["tokens"]["response"]
     assert math.isclose(answers_only["perplexity"]["response"], padded["perplexity"]["response"], rel_tol=1e-5)

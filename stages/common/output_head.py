@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from stages.common.loss import next_token_losses
 from stages.common.tokenized import IGNORE_INDEX
 
 CHUNK_POSITIONS = 1024  # logits of this many positions exist at once: 0.5 GiB in float32 at 128,256 classes
@@ -122,8 +123,18 @@ def batch_loss(model: Any, batch: dict[str, Any], head: OutputHead | None) -> to
     """The mean token loss of `batch` (with its labels), through `head` when the head is outside the model."""
     if head is None:
         return model(**batch).loss
-    total, count = head.losses(model(**without_labels(batch)).logits, batch["labels"])
+    total, count = labelled_loss_sum(model, batch, head)
     return total / count.clamp(min=1)
+
+
+def labelled_loss_sum(model: Any, batch: dict[str, Any], head: OutputHead | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token losses over the labelled positions of `batch`, their number), through `head` when the
+    head is outside the model, else from the whole logits: a sum, so batches of any size add up token-weighted."""
+    labels = batch["labels"]
+    outputs = model(**without_labels(batch)).logits
+    if head is not None:
+        return head.losses(outputs, labels)
+    return next_token_losses(outputs, labels).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def without_labels(batch: dict[str, Any]) -> dict[str, Any]:

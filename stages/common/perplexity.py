@@ -25,16 +25,19 @@ from stages.common.tokenized import TokenizedSplit, pad_batch
 KINDS = ("seed", "response")
 
 
-def loss_sums(token_loss: torch.Tensor, response_mask: torch.Tensor) -> dict[str, tuple[float, int]]:
-    """Summed next-token loss and token count for each kind, from one batch's per-position losses (next_token_losses).
-
-    `seed` counts every predicted position (padding too); `response` only positions where `response_mask` is set.
-    """
-    mask = response_mask[:, 1:]
-    return {
-        "seed": (token_loss.sum().item(), token_loss.numel()),
-        "response": ((token_loss * mask).sum().item(), int(mask.sum().item())),
-    }
+def loss_sums(
+    token_loss: torch.Tensor, response_mask: torch.Tensor, kinds: Sequence[str] = KINDS
+) -> dict[str, tuple[float, int]]:
+    """Summed next-token loss and token count of each of `kinds`, from one batch's per-position losses
+    (next_token_losses): `seed` counts every predicted position (padding too); `response` only positions where
+    `response_mask` is set."""
+    sums = {}
+    if "seed" in kinds:
+        sums["seed"] = (token_loss.sum().item(), token_loss.numel())
+    if "response" in kinds:
+        mask = response_mask[:, 1:]
+        sums["response"] = ((token_loss * mask).sum().item(), int(mask.sum().item()))
+    return sums
 
 
 def batch_order(rows: Sequence[dict[str, Any]], seed_way: bool) -> np.ndarray:
@@ -84,9 +87,11 @@ def perplexities(
 ) -> dict[str, dict[str, float]]:
     """Both kinds over `rows` (`response` only unless `seed_way`), `batch_size` rows per forward, padded to
     `max_length` for the seed figure, else to the batch's longest row. Memory is bounded by the batch: the output head
-    runs outside the model, so no batch's logits exist whole (stages/common/output_head.py)."""
+    runs outside the model, so no batch's logits exist whole (stages/common/output_head.py). `positions`: how many
+    the forwards covered (rows x their batch's width), what the way of padding costs."""
     kinds = KINDS if seed_way else ("response",)
     totals = {kind: [0.0, 0] for kind in kinds}
+    positions = 0
     order = batch_order(rows, seed_way)
     with head_outside(model, ambient_autocast(model.device.type), sharded=False, training=False) as head:
         for start in tqdm(range(0, len(rows), batch_size), desc=desc):
@@ -95,11 +100,12 @@ def perplexities(
             ids = batch["input_ids"].to(model.device)
             token_loss = batch_token_losses(model, ids, batch["attention_mask"].to(model.device), head)
             answers = response_mask(chunk, ids.shape[1]).to(model.device)
-            for kind, (loss, count) in loss_sums(token_loss, answers).items():
-                if kind in totals:
-                    totals[kind][0] += loss
-                    totals[kind][1] += count
+            for kind, (loss, count) in loss_sums(token_loss, answers, kinds).items():
+                totals[kind][0] += loss
+                totals[kind][1] += count
+            positions += ids.numel()
     return {
         "perplexity": {k: math.exp(loss / count) if count else float("nan") for k, (loss, count) in totals.items()},
         "tokens": {k: count for k, (_, count) in totals.items()},
+        "positions": positions,
     }

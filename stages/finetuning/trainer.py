@@ -12,9 +12,7 @@ from tqdm import tqdm
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from stages.common.loss import next_token_losses
-from stages.common.output_head import OutputHead
-from stages.common.tokenized import IGNORE_INDEX
+from stages.common.output_head import OutputHead, labelled_loss_sum
 from stages.finetuning.guards import running_out_in
 
 
@@ -99,13 +97,8 @@ class TokenWeightedTrainer(Trainer):
             for index in tqdm(range(passes), desc="eval loss", disable=not self.is_world_process_zero()):
                 part = shard[index * size : (index + 1) * size]
                 batch = collate(part or rows[:size])
-                labels = batch.pop("labels").to(device)
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                outputs = self.model(**inputs).logits
-                if self.output_head is not None:
-                    summed, labelled = self.output_head.losses(outputs, labels)
-                else:
-                    summed, labelled = next_token_losses(outputs, labels).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+                summed, labelled = labelled_loss_sum(self.model, inputs, self.output_head)
                 if part:
                     totals += torch.stack([summed, labelled.float()])
         self.model.train(was_training)
