@@ -295,8 +295,11 @@ def main() -> None:
 
     train_count, eval_count = args.records or (SMOKE_RECORDS if args.smoke else (TRAIN_RECORDS, EVAL_RECORDS))
     profile = PROFILE | {"data.train_size": train_count, "data.eval_size": eval_count, "train.seed": args.seed}
-    if args.smoke:  # 8 rows a step: TRL's micro-batch, so its row needs no accumulation and both see 8 rows a step
-        profile |= {"tokenize.max_length": 256, "train.effective_batch_size": 8, "model.quantization": "none"}
+    if args.smoke:  # TRL's own micro-batch (its row keeps that default) a step: neither row accumulates
+        from transformers import TrainingArguments
+
+        trl_micro = TrainingArguments.per_device_train_batch_size
+        profile |= {"tokenize.max_length": 256, "train.effective_batch_size": trl_micro, "model.quantization": "none"}
     pipe = Pipeline(args.work / "pipeline", model_dir, args.smoke, profile, model_link=MODEL_LINK)
     raw = pipe.root / "data/raw/long.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
