@@ -212,7 +212,7 @@ def seed_recipe(
     """(a) The seed recipe verbatim through the Trainer, for `steps` optimizer steps. `kbit_prep`: with peft's
     prepare_model_for_kbit_training (activation checkpointing, fp32 copies of the non-4-bit weights), which the
     seed's text does not mention; without it is the literal reading."""
-    from peers import SEED_OPTIMISATION, estimated_epoch
+    from peers import SEED_OPTIMISATION, WITHOUT_HUB_KERNELS, estimated_epoch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
@@ -228,7 +228,7 @@ def seed_recipe(
             dtype=torch.float16,
         )
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs, **WITHOUT_HUB_KERNELS)
     model = prepare_model_for_kbit_training(model) if kbit_prep and not smoke else model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM"))
     load_s = time.perf_counter() - started

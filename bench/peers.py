@@ -62,12 +62,18 @@ def prompt_completion(records: list[dict[str, str]]) -> Any:
     )
 
 
+# Every base the bench loads itself, as the stages load theirs (stages/common/models.py): where the `kernels` package
+# is installed, transformers 5.2x otherwise swaps layers (a Llama's rotary embedding) for kernels it fetches from the
+# hub at load, which fails offline, and would score or train the peers with other layers than the pipeline's.
+WITHOUT_HUB_KERNELS = {"use_kernels": False}
+
+
 def peer_model(model_dir: Path, quantized: bool, smoke: bool, double_quant: bool = True) -> tuple[Any, Any]:
     """Tokenizer and base as a TRL user loads them: QLoRA's nf4 with double quantization and bf16 compute, or bf16.
     `double_quant` False: the pipeline's own 4-bit load (nf4 without it), where a row must start from its weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if smoke else torch.bfloat16}
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if smoke else torch.bfloat16} | WITHOUT_HUB_KERNELS
     if not smoke:
         kwargs["device_map"] = {"": 0}
     if quantized and not smoke:

@@ -134,3 +134,18 @@ def test_the_long_context_seed_table_shows_a_small_loss_drop_to_its_significant_
     lines = long_context.seed_summary([tmp_path / "seed1.json"]).splitlines()
     assert lines[1].split()[-1] == "-0.000022"
     assert "loss drop from the base 0.003271 against TRL's 0.003249" in lines[2]
+
+
+def test_the_bench_loads_its_peers_without_hub_kernels_as_the_stages_load_theirs(tiny_model_dir, monkeypatch):
+    """transformers 5.2x, where `kernels` is installed (transformers requires it), swaps layers for kernels fetched
+    from the hub at load: offline on a GPU the fetch fails (a Llama's rotary embedding), and online the peers would
+    train and be scored with other layers than the stage's. The stage's own load is the reference."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from peers import peer_model
+
+    from stages.common.models import load_base_model
+    from stages.common.params import ModelParams
+
+    _, peer = peer_model(tiny_model_dir, quantized=False, smoke=True)
+    stage = load_base_model(ModelParams(str(tiny_model_dir), None, "none", "float32", False))
+    assert (peer.use_kernels, stage.use_kernels) == (False, False)

@@ -1,6 +1,7 @@
 """`train.cuda_graphs`: the compiled blocks replayed as CUDA graphs must give the gradients eager blocks give,
-also accumulated over several micro-batches (a graph's next replay rewrites the memory its gradients live in); packed
-rows' attention per example must give the gradients of attention over the row with a block-diagonal mask.
+also accumulated over several micro-batches (a graph's next replay rewrites the memory its gradients live in), and
+draw a new dropout mask at every replay; packed rows' attention per example must give the gradients of attention over
+the row with a block-diagonal mask.
 Needs a CUDA GPU: skipped elsewhere, run on the GPU machine (README, GPU speed)."""
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from stages.finetuning.compiled import compile_layers, copy_graphed_gradients
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
-def lora_model(architecture: str = "llama") -> torch.nn.Module:
-    """A tiny LoRA model, dropout off so two copies compute the same numbers. "phi": Phi's block (parallel attention
-    and MLP, partial rotary, the layout the seed profile trains), LoRA where the seed puts it; "llama_gqa": Llama with
-    one key/value head for two query heads, as Llama 3 groups them."""
+def lora_model(architecture: str = "llama", lora_dropout: float = 0.0) -> torch.nn.Module:
+    """A tiny LoRA model, dropout off by default so two copies compute the same numbers. "phi": Phi's block (parallel
+    attention and MLP, partial rotary, the layout the seed profile trains), LoRA where the seed puts it; "llama_gqa":
+    Llama with one key/value head for two query heads, as Llama 3 groups them."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
@@ -32,7 +33,7 @@ def lora_model(architecture: str = "llama") -> torch.nn.Module:
         # no cache, as the pipeline loads it: with one, transformers skips the packed-row mask (its reference here)
         config = LlamaConfig(**sizes, num_attention_heads=4, use_cache=False, **groups)
         base, targets = LlamaForCausalLM(config), ["q_proj", "v_proj"]
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=targets, init_lora_weights=False)
     return get_peft_model(base, lora).cuda()
 
 
@@ -109,6 +110,32 @@ def test_eager_blocks_replayed_as_cuda_graphs_give_eager_gradients(packed, micro
     with torch.no_grad():
         b = phi_batch(packed, generator)
         torch.testing.assert_close(graphed(**b).logits, eager.eval()(**b).logits)
+
+
+def test_graph_replays_draw_fresh_lora_dropout():
+    """LoRA's dropout runs inside the recorded graphs: every replay must draw a new mask (CUDA graphs' RNG advances
+    its offset per replay), as eager steps do; a mask frozen at recording would train with one fixed dropout."""
+    from stages.finetuning.graphed import graph_blocks
+    from stages.finetuning.packed_attention import use_for_packed_rows
+
+    model = lora_model("phi", lora_dropout=0.5).train()
+    assert use_for_packed_rows(model)  # as the seed profile trains: packed rows, attention per example
+    generator = torch.Generator().manual_seed(3)
+    batch = phi_batch(True, generator)
+    graph_blocks(model, batch, "bf16")
+
+    def loss() -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            value = model(**batch).loss
+        value.backward()
+        return value.item()
+
+    replays = [loss() for _ in range(4)]
+    assert len(set(replays)) == len(replays), replays
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        without_dropout = model(**batch).loss.item()
+    assert without_dropout not in replays
 
 
 @pytest.mark.parametrize("architecture", ["phi", "llama_gqa"])
