@@ -212,10 +212,11 @@ def seed_recipe(
     """(a) The seed recipe verbatim through the Trainer, for `steps` optimizer steps. `kbit_prep`: with peft's
     prepare_model_for_kbit_training (activation checkpointing, fp32 copies of the non-4-bit weights), which the
     seed's text does not mention; without it is the literal reading."""
-    from peers import SEED_OPTIMISATION, WITHOUT_HUB_KERNELS, estimated_epoch
+    from peers import SEED_OPTIMISATION, estimated_epoch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
+    from stages.common.models import WITHOUT_HUB_KERNELS
     from stages.common.tokenized import pad_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

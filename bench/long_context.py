@@ -201,13 +201,15 @@ def summary(report: dict[str, Any]) -> str:
 
 def seed_summary(files: list[Path]) -> str:
     """Each run (a seed each) against TRL, and the means: one seed's eval-loss gap is within the seed-to-seed spread.
+    Runs may come from different devices: each speedup is a ratio within one run, so the column names the device.
     A line per run and row that is not TRL's (`pipeline`, and `pipeline_fp32` where it ran); a row beside the pipeline's
     is also set against the pipeline's at the same seeds (same data order and LoRA init: a tighter comparison)."""
     runs = [json.loads(file.read_text()) for file in files]
     base = float(np.mean([run["profile"]["base_eval_loss"] for run in runs]))
     digits = loss_digits(base - float(np.mean([run["rows"]["trl"]["eval_loss"] for run in runs])))
     lines = [
-        f"{'seed':>4} {'row':14} {'epoch s':>7} {'TRL s':>7} {'speedup':>7} {'eval loss':>9} {'TRL':>8} {'gap':>8}"
+        f"{'seed':>4} {'device':6} {'row':14} {'epoch s':>7} {'TRL s':>7} {'speedup':>7} "
+        f"{'eval loss':>9} {'TRL':>8} {'gap':>8}"
     ]
     gaps: dict[str, list[float]] = {}
     speedups: dict[str, list[float]] = {}
@@ -215,6 +217,7 @@ def seed_summary(files: list[Path]) -> str:
     against_pipeline: dict[str, list[float]] = {}
     for run in runs:
         seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
+        device = run["device"].removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3": H100
         trl = run["rows"]["trl"]
         for name, row in run["rows"].items():
             if name == "trl":
@@ -225,8 +228,9 @@ def seed_summary(files: list[Path]) -> str:
             if name != "pipeline" and "pipeline" in run["rows"]:
                 against_pipeline.setdefault(name, []).append(row["eval_loss"] - run["rows"]["pipeline"]["eval_loss"])
             lines.append(
-                f"{seed:>4} {name:14} {row['epoch_s']:>7.1f} {trl['epoch_s']:>7.1f} {speedups[name][-1]:>6.2f}x "
-                f"{row['eval_loss']:>9.{digits}f} {trl['eval_loss']:>8.{digits}f} {gaps[name][-1]:>+8.{digits}f}"
+                f"{seed:>4} {device:6} {name:14} {row['epoch_s']:>7.1f} {trl['epoch_s']:>7.1f} "
+                f"{speedups[name][-1]:>6.2f}x {row['eval_loss']:>9.{digits}f} {trl['eval_loss']:>8.{digits}f} "
+                f"{gaps[name][-1]:>+8.{digits}f}"
             )
     for name, gap in gaps.items():
         error = float(np.std(gap, ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else float("nan")

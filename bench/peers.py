@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from finetune_speed import free_gpu_memory
 
+from stages.common.models import WITHOUT_HUB_KERNELS
 from stages.common.prompt import format_prompt
 from stages.finetuning.timing import StepClock
 
@@ -60,12 +61,6 @@ def prompt_completion(records: list[dict[str, str]]) -> Any:
     return Dataset.from_list(
         [{"prompt": format_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
     )
-
-
-# Every base the bench loads itself, as the stages load theirs (stages/common/models.py): where the `kernels` package
-# is installed, transformers 5.2x otherwise swaps layers (a Llama's rotary embedding) for kernels it fetches from the
-# hub at load, which fails offline, and would score or train the peers with other layers than the pipeline's.
-WITHOUT_HUB_KERNELS = {"use_kernels": False}
 
 
 def peer_model(model_dir: Path, quantized: bool, smoke: bool, double_quant: bool = True) -> tuple[Any, Any]:

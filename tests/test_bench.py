@@ -98,6 +98,7 @@ def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, mon
     long_context = load_long_context(monkeypatch)
     files = []
     losses = {42: (11.0, 10.5, 10.0), 43: (12.0, 12.5, 12.5), 44: (13.0, None, 12.0)}  # pipeline, fp32, TRL
+    devices = {42: "NVIDIA H100 80GB HBM3", 43: "NVIDIA H100 80GB HBM3", 44: "NVIDIA H200"}
     for seed, (pipeline_loss, fp32_loss, trl_loss) in losses.items():
         rows = {
             "pipeline": {"epoch_s": 10.0, "eval_loss": pipeline_loss},
@@ -107,14 +108,16 @@ def test_the_long_context_seed_table_averages_each_row_against_trl(tmp_path, mon
         if fp32_loss is None:  # a row that ran at some seeds only
             del rows["pipeline_fp32"]
         run = {"command": f"python bench/long_context.py --seed {seed}", "profile": {"base_eval_loss": 14.0}}
+        run["device"] = devices[seed]
         files.append(tmp_path / f"seed{seed}.json")
         files[-1].write_text(json.dumps(run | {"rows": rows}))
     lines = long_context.seed_summary(files).splitlines()
-    assert [line.split()[:2] for line in lines[1:6]] == [
-        ["42", "pipeline"], ["42", "pipeline_fp32"], ["43", "pipeline"], ["43", "pipeline_fp32"], ["44", "pipeline"]
+    assert [line.split()[:3] for line in lines[1:6]] == [
+        ["42", "H100", "pipeline"], ["42", "H100", "pipeline_fp32"], ["43", "H100", "pipeline"],
+        ["43", "H100", "pipeline_fp32"], ["44", "H200", "pipeline"],
     ]  # fmt: skip
     assert [line.split()[-1] for line in lines[1:6]] == ["+1.0000", "+0.5000", "-0.5000", "+0.0000", "+1.0000"]
-    assert lines[2].split()[4] == "2.50x"  # TRL's 30 s over the row's 12
+    assert lines[2].split()[5] == "2.50x"  # TRL's 30 s over the row's 12
     # pipeline: mean gap (1.0 - 0.5 + 1.0) / 3; drops 14 - 12.0 = 2.0 against 14 - 11.5 = 2.5
     assert "gap +0.5000 (standard error 0.5000)" in lines[6] and "2.0000 against TRL's 2.5000 (0.800x)" in lines[6]
     # pipeline_fp32: against TRL at its own two seeds only (11.25), not at all three
@@ -130,6 +133,7 @@ def test_the_long_context_seed_table_shows_a_small_loss_drop_to_its_significant_
     long_context = load_long_context(monkeypatch)
     rows = {"pipeline": {"epoch_s": 10.0, "eval_loss": 11.769375}, "trl": {"epoch_s": 30.0, "eval_loss": 11.769397}}
     run = {"command": "python bench/long_context.py --smoke --seed 1", "profile": {"base_eval_loss": 11.772646}}
+    run["device"] = "cpu"
     (tmp_path / "seed1.json").write_text(json.dumps(run | {"rows": rows}))
     lines = long_context.seed_summary([tmp_path / "seed1.json"]).splitlines()
     assert lines[1].split()[-1] == "-0.000022"

@@ -156,6 +156,12 @@ def fuse_activations(model: Any) -> int:
     return swapped
 
 
+# For every base load (the stages' and the bench's peers'): transformers 5.2x, where the `kernels` package is
+# installed (transformers requires it), swaps layers (on a GPU, a Llama's rotary embedding) for compiled kernels it
+# downloads from the hub at load: code nobody pinned, an error offline, and other layers than the ones measured.
+WITHOUT_HUB_KERNELS: dict[str, Any] = {"use_kernels": False}
+
+
 def load_base_model(params: ModelParams, shard_over: int = 1) -> Any:
     """The frozen base model on the GPU when there is one, 4-bit when `model.quantization` says so. `shard_over` > 1
     (a process of that many): transformers loads each process's share of the weights only and shards them with
@@ -163,9 +169,7 @@ def load_base_model(params: ModelParams, shard_over: int = 1) -> Any:
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(params)
-    # use_kernels=False: transformers 5.2x, where the `kernels` package is installed, swaps layers for compiled
-    # kernels it downloads from the hub at load: code nobody pinned, and an error offline
-    extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype], "use_kernels": False}
+    extra: dict[str, Any] = {"dtype": DTYPES[params.compute_dtype]} | WITHOUT_HUB_KERNELS
     if quantization is not None:
         extra["quantization_config"] = quantization
     if shard_over > 1:  # transformers places each process's shard on its device itself
