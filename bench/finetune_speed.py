@@ -120,12 +120,18 @@ COMPILED_FOR_DDP = {"train.compile": True, "train.cuda_graphs": True, "tokenize.
 EAGER = NO_GRAPHS | {"train.compile": False, "tokenize.padding": "longest", "train.group_by_length": True}
 
 
+def card_name(device: str) -> str:
+    """A GPU's model from its full name, as result files and tables name it: "NVIDIA H100 80GB HBM3" gives H100
+    (its last word would give HBM3), "NVIDIA H200" H200; "cpu" stays."""
+    return device.removeprefix("NVIDIA ").split()[0]
+
+
 def result_stem(what: str, smoke: bool = False) -> str:
     """A result file's name: what it measured, on which device, and when (`wholerun_h200_2026-12-03`)."""
     if smoke or not torch.cuda.is_available():
         device = "cpu"
     else:
-        card = torch.cuda.get_device_name(0).split()[-1].lower().replace("-", "")
+        card = card_name(torch.cuda.get_device_name(0)).lower().replace("-", "")
         count = torch.cuda.device_count()
         device = f"{count}x{card}" if count > 1 else card
     return f"{what}_{device}_{datetime.date.today()}{'_smoke' if smoke else ''}"

@@ -49,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune_speed import Pipeline, free_gpu_memory, response_eval_loss, result_stem  # noqa: E402
+from finetune_speed import Pipeline, card_name, free_gpu_memory, response_eval_loss, result_stem  # noqa: E402
 
 from stages.common.tokenized import load_meta, load_split  # noqa: E402
 
@@ -217,7 +217,7 @@ def seed_summary(files: list[Path]) -> str:
     against_pipeline: dict[str, list[float]] = {}
     for run in runs:
         seed = run["command"].split("--seed ")[1].split()[0] if "--seed " in run["command"] else "42"
-        device = run["device"].removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3": H100
+        device = card_name(run["device"])
         trl = run["rows"]["trl"]
         for name, row in run["rows"].items():
             if name == "trl":

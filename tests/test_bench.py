@@ -70,6 +70,18 @@ def test_the_wholerun_table_divides_by_the_faster_seed_reading_and_the_matching_
     assert lines["pipeline_bf16"][-2:] == ["30.0x", "2.50x"]  # 600 / 20, TRL bf16's 50 / 20
 
 
+@pytest.mark.parametrize(
+    ("name", "count", "device"),
+    [("NVIDIA H100 80GB HBM3", 1, "h100"), ("NVIDIA H200", 2, "2xh200"), ("NVIDIA A100-SXM4-80GB", 1, "a100sxm480gb")],
+)
+def test_a_result_file_is_named_after_the_gpu_model(name, count, device, monkeypatch):
+    """The file's device part is the card's model, not the last word of its name (an H100's is HBM3)."""
+    monkeypatch.setattr(BENCH.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(BENCH.torch.cuda, "get_device_name", lambda index=0: name)
+    monkeypatch.setattr(BENCH.torch.cuda, "device_count", lambda: count)
+    assert BENCH.result_stem("long_context").split("_")[:3] == ["long", "context", device]
+
+
 def load_long_context(monkeypatch) -> Any:
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("long_context", REPO / "bench/long_context.py")
